@@ -1,0 +1,549 @@
+//! Bootstrap settings: defaults < TOML file (`--config` / `AGENTMESH_CONFIG`)
+//! < `AGENTMESH_*` environment (nested keys joined with `__`).
+//!
+//! Unknown keys are rejected, and [`Settings::validate`] reports every bad key
+//! at once with its value and rule.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::live::LiveSettings;
+
+/// Environment variables read with the `AGENTMESH_` prefix that are not
+/// settings keys: the config file path and the log filter.
+const NON_SETTING_ENV_KEYS: &[&str] = &["config", "log"];
+
+/// The effective bootstrap settings of one process.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Folder for the embedded SQLite database and generated keys.
+    pub data_dir: PathBuf,
+    /// Writer database (`sqlite://…` or `postgres://…`); SQLite under
+    /// `data_dir` when unset.
+    pub database_url: Option<String>,
+    /// Read replica; reads go to the writer when unset.
+    pub read_database_url: Option<String>,
+    /// Addresses and limits of the gRPC listeners.
+    pub server: ServerSettings,
+    /// Listening ports of each service and of the admin HTTP endpoint.
+    pub ports: PortSettings,
+    /// Connection pools.
+    pub database: DatabaseSettings,
+    /// Where services find each other.
+    pub endpoints: EndpointSettings,
+    /// The config service's own behaviour.
+    pub config_service: ConfigServiceSettings,
+    /// Log output.
+    pub telemetry: TelemetrySettings,
+    /// Values seeded into the `global` scope on the config service's first
+    /// start, and used by services before they reach the config service.
+    pub defaults: LiveSettings,
+}
+
+/// gRPC listener settings shared by every service.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Address to bind (containers set `0.0.0.0`).
+    pub host: String,
+    /// Largest gRPC message accepted or sent, in bytes.
+    pub max_message_bytes: usize,
+    /// Concurrent streams per HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+    /// After SIGTERM, how long to keep accepting while health reports
+    /// NOT_SERVING (lets load balancers notice), in milliseconds.
+    pub shutdown_delay_ms: u64,
+    /// How long in-flight calls may take to finish after shutdown starts.
+    pub shutdown_grace_seconds: u64,
+}
+
+/// Listening ports.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PortSettings {
+    /// Gateway gRPC port.
+    pub gateway: u16,
+    /// Agent gRPC port.
+    pub agent: u16,
+    /// Config gRPC port.
+    pub config: u16,
+    /// Audit gRPC port.
+    pub audit: u16,
+    /// Cache gRPC port.
+    pub cache: u16,
+    /// Admin HTTP port (`/metrics`, `/healthz`, `/readyz`), one per process.
+    pub admin: u16,
+}
+
+/// Database pool settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// Connections in the writer pool.
+    pub max_connections: u32,
+    /// Connections in the read pool (used only with `read_database_url`).
+    pub read_max_connections: u32,
+    /// Seconds to wait for a connection.
+    pub connect_timeout_seconds: u64,
+    /// PostgreSQL schema to use (created if missing); `public` when unset.
+    pub schema: Option<String>,
+}
+
+/// Endpoints of other services.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EndpointSettings {
+    /// Config service endpoint that `ConfigWatcher` connects to.
+    pub config: String,
+}
+
+/// Behaviour of the config service.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfigServiceSettings {
+    /// How often the service checks the database for revisions written by
+    /// other replicas, in milliseconds.
+    pub poll_interval_ms: u64,
+    /// Changes buffered per watcher before it is resynchronised with a
+    /// snapshot.
+    pub watch_buffer: usize,
+    /// Concurrent Watch streams the service accepts.
+    pub max_watchers: usize,
+}
+
+/// Log format.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, coloured when on a terminal.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Telemetry settings. The log filter comes from `RUST_LOG` / `AGENTMESH_LOG`
+/// and OTLP export from the standard `OTEL_*` variables.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// `pretty` or `json`.
+    pub log_format: LogFormat,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./.agentmesh"),
+            database_url: None,
+            read_database_url: None,
+            server: ServerSettings::default(),
+            ports: PortSettings::default(),
+            database: DatabaseSettings::default(),
+            endpoints: EndpointSettings::default(),
+            config_service: ConfigServiceSettings::default(),
+            telemetry: TelemetrySettings::default(),
+            defaults: LiveSettings::default(),
+        }
+    }
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".to_owned(),
+            max_message_bytes: 4 * 1024 * 1024,
+            max_concurrent_streams: 1024,
+            shutdown_delay_ms: 0,
+            shutdown_grace_seconds: 10,
+        }
+    }
+}
+
+impl Default for PortSettings {
+    fn default() -> Self {
+        Self {
+            gateway: 50051,
+            agent: 50052,
+            config: 50053,
+            audit: 50054,
+            cache: 50055,
+            admin: 9464,
+        }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 20,
+            read_max_connections: 30,
+            connect_timeout_seconds: 10,
+            schema: None,
+        }
+    }
+}
+
+impl Default for EndpointSettings {
+    fn default() -> Self {
+        Self {
+            config: "http://127.0.0.1:50053".to_owned(),
+        }
+    }
+}
+
+impl Default for ConfigServiceSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 250,
+            watch_buffer: 256,
+            max_watchers: 10_000,
+        }
+    }
+}
+
+/// One bad setting: the key, the value given and the rule it breaks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// Dotted key, e.g. `ports.config`.
+    pub key: String,
+    /// The value as given.
+    pub value: String,
+    /// The rule, e.g. `must be between 1 and 300`.
+    pub rule: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} = {}: {}", self.key, self.value, self.rule)
+    }
+}
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file or environment could not be parsed into settings (unknown
+    /// key, wrong type).
+    #[error("invalid settings: {0}")]
+    Parse(String),
+    /// Values parsed but broke rules.
+    #[error("invalid settings: {}", join_violations(.0))]
+    Invalid(Vec<Violation>),
+}
+
+fn join_violations(violations: &[Violation]) -> String {
+    violations
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl Settings {
+    /// Loads settings from defaults, an optional TOML file and the process
+    /// environment, then validates them.
+    pub fn load(file: Option<&Path>) -> Result<Self, LoadError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(LoadError::Parse(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        // The design note's names, accepted as aliases below AGENTMESH_*.
+        figment = figment
+            .merge(
+                Env::raw()
+                    .only(&["DEFAULT_LLM_MODEL"])
+                    .map(|_| "defaults.agent.default_model".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["DEFAULT_TEMPERATURE"])
+                    .map(|_| "defaults.agent.temperature".into()),
+            )
+            .merge(
+                Env::prefixed("AGENTMESH_")
+                    .ignore(NON_SETTING_ENV_KEYS)
+                    .filter(|key| !key.as_str().starts_with("test_"))
+                    .split("__"),
+            );
+        let settings: Settings = figment.extract().map_err(|error| {
+            LoadError::Parse(
+                error
+                    .into_iter()
+                    .map(|e| e.to_string().replace('\n', " "))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?;
+        settings.validate().map_err(LoadError::Invalid)?;
+        Ok(settings)
+    }
+
+    /// Checks every rule and returns all violations, not only the first.
+    pub fn validate(&self) -> Result<(), Vec<Violation>> {
+        let mut violations = Vec::new();
+        let mut check = |ok: bool, key: &str, value: String, rule: &str| {
+            if !ok {
+                violations.push(Violation {
+                    key: key.to_owned(),
+                    value,
+                    rule: rule.to_owned(),
+                });
+            }
+        };
+        for (key, url) in [
+            ("database_url", &self.database_url),
+            ("read_database_url", &self.read_database_url),
+        ] {
+            if let Some(url) = url {
+                check(
+                    url.starts_with("sqlite:")
+                        || url.starts_with("postgres://")
+                        || url.starts_with("postgresql://"),
+                    key,
+                    mask_url(url),
+                    "must start with sqlite:, postgres:// or postgresql://",
+                );
+            }
+        }
+        check(
+            self.read_database_url.is_none() || self.database_url.is_some(),
+            "read_database_url",
+            self.read_database_url
+                .as_deref()
+                .map(mask_url)
+                .unwrap_or_default(),
+            "needs database_url to be set too",
+        );
+        check(
+            !self.server.host.trim().is_empty(),
+            "server.host",
+            format!("{:?}", self.server.host),
+            "must not be empty",
+        );
+        check(
+            (1024..=256 * 1024 * 1024).contains(&self.server.max_message_bytes),
+            "server.max_message_bytes",
+            self.server.max_message_bytes.to_string(),
+            "must be between 1024 and 268435456",
+        );
+        check(
+            (1..=1_000_000).contains(&self.server.max_concurrent_streams),
+            "server.max_concurrent_streams",
+            self.server.max_concurrent_streams.to_string(),
+            "must be between 1 and 1000000",
+        );
+        check(
+            self.server.shutdown_delay_ms <= 600_000,
+            "server.shutdown_delay_ms",
+            self.server.shutdown_delay_ms.to_string(),
+            "must be at most 600000",
+        );
+        check(
+            self.server.shutdown_grace_seconds <= 3600,
+            "server.shutdown_grace_seconds",
+            self.server.shutdown_grace_seconds.to_string(),
+            "must be at most 3600",
+        );
+        for (key, size) in [
+            ("database.max_connections", self.database.max_connections),
+            (
+                "database.read_max_connections",
+                self.database.read_max_connections,
+            ),
+        ] {
+            check(
+                (1..=1000).contains(&size),
+                key,
+                size.to_string(),
+                "must be between 1 and 1000",
+            );
+        }
+        check(
+            (1..=600).contains(&self.database.connect_timeout_seconds),
+            "database.connect_timeout_seconds",
+            self.database.connect_timeout_seconds.to_string(),
+            "must be between 1 and 600",
+        );
+        if let Some(schema) = &self.database.schema {
+            check(
+                is_identifier(schema),
+                "database.schema",
+                format!("{schema:?}"),
+                "must be 1 to 63 characters of [a-z0-9_], starting with a letter or _",
+            );
+        }
+        check(
+            self.endpoints.config.starts_with("http://") || self.endpoints.config.starts_with("https://"),
+            "endpoints.config",
+            format!("{:?}", self.endpoints.config),
+            "must start with http:// or https://",
+        );
+        check(
+            (10..=60_000).contains(&self.config_service.poll_interval_ms),
+            "config_service.poll_interval_ms",
+            self.config_service.poll_interval_ms.to_string(),
+            "must be between 10 and 60000",
+        );
+        check(
+            (1..=1_000_000).contains(&self.config_service.watch_buffer),
+            "config_service.watch_buffer",
+            self.config_service.watch_buffer.to_string(),
+            "must be between 1 and 1000000",
+        );
+        check(
+            (1..=1_000_000).contains(&self.config_service.max_watchers),
+            "config_service.max_watchers",
+            self.config_service.max_watchers.to_string(),
+            "must be between 1 and 1000000",
+        );
+        for violation in self.defaults.to_values().validate() {
+            violations.push(Violation {
+                key: format!("defaults.{}", violation.field),
+                value: violation.value,
+                rule: violation.rule,
+            });
+        }
+        if violations.is_empty() {
+            Ok(())
+        } else {
+            Err(violations)
+        }
+    }
+
+    /// The writer database URL: `database_url`, else SQLite under `data_dir`.
+    pub fn effective_database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("agentmesh.db").display()
+            ),
+        }
+    }
+
+    /// Renders the settings as TOML with secrets (URL passwords) masked.
+    pub fn dump(&self) -> String {
+        let mut masked = self.clone();
+        masked.database_url = masked.database_url.as_deref().map(mask_url);
+        masked.read_database_url = masked.read_database_url.as_deref().map(mask_url);
+        toml::to_string_pretty(&masked).unwrap_or_else(|error| format!("# cannot render settings: {error}\n"))
+    }
+}
+
+/// Replaces the password of a URL (`scheme://user:password@host`) with `****`.
+pub fn mask_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let user_info = &authority[..at];
+    match user_info.find(':') {
+        Some(colon) => format!(
+            "{}{}:****{}",
+            &url[..scheme_end + 3],
+            &user_info[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    let Some(first) = chars.next() else {
+        return false;
+    };
+    name.len() <= 63
+        && (first.is_ascii_lowercase() || first == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(Settings::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn validate_reports_every_bad_key() {
+        let mut settings = Settings::default();
+        settings.server.max_message_bytes = 1;
+        settings.database.max_connections = 0;
+        settings.defaults.agent.temperature = 3.5;
+        let violations = settings.validate().unwrap_err();
+        let keys: Vec<_> = violations.iter().map(|v| v.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "server.max_message_bytes",
+                "database.max_connections",
+                "defaults.agent.temperature"
+            ]
+        );
+        assert_eq!(violations[2].value, "3.5");
+        assert!(
+            violations[2].rule.contains("between 0 and 2"),
+            "{}",
+            violations[2].rule
+        );
+    }
+
+    #[test]
+    fn masks_url_passwords() {
+        assert_eq!(
+            mask_url("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:****@db:5432/x"
+        );
+        assert_eq!(mask_url("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(mask_url("sqlite://./a.db"), "sqlite://./a.db");
+    }
+
+    #[test]
+    fn file_layer_and_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.toml");
+        std::fs::write(
+            &good,
+            "[ports]\nconfig = 6000\n[defaults.agent]\ndefault_model = \"m\"\n",
+        )
+        .unwrap();
+        let settings = Settings::load(Some(&good)).unwrap();
+        assert_eq!(settings.ports.config, 6000);
+        assert_eq!(settings.defaults.agent.default_model, "m");
+
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "[ports]\nconfgi = 6000\n").unwrap();
+        let error = Settings::load(Some(&bad)).unwrap_err().to_string();
+        assert!(error.contains("confgi"), "{error}");
+    }
+
+    #[test]
+    fn dump_masks_secrets() {
+        let settings = Settings {
+            database_url: Some("postgres://u:pw@h/db".into()),
+            ..Settings::default()
+        };
+        let dumped = settings.dump();
+        assert!(dumped.contains("u:****@h"), "{dumped}");
+        assert!(!dumped.contains("pw"), "{dumped}");
+    }
+}

@@ -1,0 +1,15 @@
+//! Settings for agentmesh.
+//!
+//! Two kinds live here:
+//! - [`bootstrap`]: what a process needs to start (ports, URLs, pools), read
+//!   once from defaults < TOML file < `AGENTMESH_*` environment and validated
+//!   as a whole;
+//! - [`live`]: the runtime settings the config service serves and every
+//!   service reads live (model, temperature, breaker, TTLs…), with their
+//!   validation rules, scopes and merge order.
+
+pub mod bootstrap;
+pub mod live;
+
+pub use bootstrap::{LoadError, LogFormat, Settings, Violation};
+pub use live::{LiveSettings, Scope};

@@ -1,0 +1,84 @@
+//! W3C trace-context propagation: servers extract `traceparent` from
+//! incoming metadata, clients inject the current span's context into every
+//! outgoing call, so one trace spans all services.
+
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TraceContextExt;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+/// Extracts the remote parent context from request headers (`traceparent`,
+/// `tracestate`); an empty context when absent or malformed.
+pub fn extract_remote_context(headers: &http::HeaderMap) -> opentelemetry::Context {
+    opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&HeaderExtractor(headers)))
+}
+
+/// Makes `span` a child of the caller's trace context found in `headers`
+/// and records its trace id in the span's `trace_id` field (which the span
+/// must declare), so log lines inside it name the trace.
+pub fn attach_remote_parent(span: &tracing::Span, headers: &http::HeaderMap) {
+    let parent = extract_remote_context(headers);
+    let remote_trace_id = {
+        let remote = parent.span().span_context().clone();
+        remote.is_valid().then(|| remote.trace_id().to_string())
+    };
+    // Fails only when no OpenTelemetry layer is installed; the remote id
+    // still names the trace in logs then.
+    let _ = span.set_parent(parent);
+    if let Some(trace_id) = span_trace_id(span).or(remote_trace_id) {
+        span.record("trace_id", trace_id.as_str());
+    }
+}
+
+/// Returns the trace id of the current span as 32 hex digits, if it has one.
+pub fn current_trace_id() -> Option<String> {
+    span_trace_id(&tracing::Span::current())
+}
+
+/// Returns the trace id of `span` as 32 hex digits, if it has one.
+pub fn span_trace_id(span: &tracing::Span) -> Option<String> {
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
+}
+
+/// A tonic interceptor that injects the current span's trace context into
+/// every outgoing request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceContextInterceptor;
+
+impl tonic::service::Interceptor for TraceContextInterceptor {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let context = tracing::Span::current().context();
+        opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.inject_context(&context, &mut MetadataInjector(request.metadata_mut()));
+        });
+        Ok(request)
+    }
+}
