@@ -43,7 +43,8 @@ pub mod agentmesh {
 
 /// The encoded `FileDescriptorSet` of every agentmesh proto file (and the
 /// well-known types they import), for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/agentmesh_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/agentmesh_descriptor.bin"));
 
 /// Shared types.
 pub mod common {

@@ -59,7 +59,10 @@ pub async fn serve_admin(
             "/metrics",
             get(|| async {
                 (
-                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
                     agentmesh_telemetry::render_metrics(),
                 )
             }),

@@ -81,7 +81,8 @@ impl CallRecord {
             finished: false,
         };
         metrics::counter!("grpc_server_started_total", "grpc_service" => record.service.to_string(), "grpc_method" => record.method.to_string()).increment(1);
-        metrics::gauge!("grpc_server_in_flight", "grpc_service" => record.service.to_string()).increment(1.0);
+        metrics::gauge!("grpc_server_in_flight", "grpc_service" => record.service.to_string())
+            .increment(1.0);
         record
     }
 
@@ -162,7 +163,9 @@ where
         Poll::Ready(match result {
             Ok(response) => {
                 // Trailers-only responses (errors) carry the status in headers.
-                if let (Some(code), Some(call)) = (status_from_headers(response.headers()), record.as_mut()) {
+                if let (Some(code), Some(call)) =
+                    (status_from_headers(response.headers()), record.as_mut())
+                {
                     call.finish(code);
                 }
                 Ok(response.map(|inner| MetricsBody { inner, record }))
@@ -206,7 +209,11 @@ impl<B: Body> Body for MetricsBody<B> {
             }
             Some(Err(_)) | None => {
                 if let Some(mut call) = this.record.take() {
-                    call.finish(if result.is_none() { Code::Ok } else { Code::Unknown });
+                    call.finish(if result.is_none() {
+                        Code::Ok
+                    } else {
+                        Code::Unknown
+                    });
                 }
             }
         }

@@ -64,7 +64,12 @@ impl GrpcServer {
     /// reported by health under its fully qualified name.
     pub fn add_service<S>(mut self, service: S, descriptor_set: &'static [u8]) -> Self
     where
-        S: Service<http::Request<Body>, Error = Infallible> + NamedService + Clone + Send + Sync + 'static,
+        S: Service<http::Request<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
         S::Response: axum::response::IntoResponse,
         S::Future: Send + 'static,
     {
@@ -110,7 +115,8 @@ impl GrpcServer {
         let mut reflection_v1alpha = tonic_reflection::server::Builder::configure();
         for descriptor_set in &self.descriptor_sets {
             reflection_v1 = reflection_v1.register_encoded_file_descriptor_set(descriptor_set);
-            reflection_v1alpha = reflection_v1alpha.register_encoded_file_descriptor_set(descriptor_set);
+            reflection_v1alpha =
+                reflection_v1alpha.register_encoded_file_descriptor_set(descriptor_set);
         }
         let advertised = self.service_names.iter().copied().chain([
             "grpc.health.v1.Health",

@@ -384,7 +384,8 @@ impl Settings {
             );
         }
         check(
-            self.endpoints.config.starts_with("http://") || self.endpoints.config.starts_with("https://"),
+            self.endpoints.config.starts_with("http://")
+                || self.endpoints.config.starts_with("https://"),
             "endpoints.config",
             format!("{:?}", self.endpoints.config),
             "must start with http:// or https://",
@@ -437,7 +438,8 @@ impl Settings {
         let mut masked = self.clone();
         masked.database_url = masked.database_url.as_deref().map(mask_url);
         masked.read_database_url = masked.read_database_url.as_deref().map(mask_url);
-        toml::to_string_pretty(&masked).unwrap_or_else(|error| format!("# cannot render settings: {error}\n"))
+        toml::to_string_pretty(&masked)
+            .unwrap_or_else(|error| format!("# cannot render settings: {error}\n"))
     }
 }
 

@@ -79,11 +79,17 @@ pub const FIELDS: &[FieldSpec] = &[
     },
     FieldSpec {
         path: "breaker.failure_threshold",
-        kind: FieldKind::Int { min: 1, max: 10_000 },
+        kind: FieldKind::Int {
+            min: 1,
+            max: 10_000,
+        },
     },
     FieldSpec {
         path: "breaker.reset_timeout_seconds",
-        kind: FieldKind::Int { min: 1, max: 86_400 },
+        kind: FieldKind::Int {
+            min: 1,
+            max: 86_400,
+        },
     },
     FieldSpec {
         path: "cache.default_ttl_seconds",
@@ -94,7 +100,10 @@ pub const FIELDS: &[FieldSpec] = &[
     },
     FieldSpec {
         path: "retention.artifact_max_age_hours",
-        kind: FieldKind::Int { min: 1, max: 87_600 },
+        kind: FieldKind::Int {
+            min: 1,
+            max: 87_600,
+        },
     },
     FieldSpec {
         path: "batch.max_concurrency",
@@ -264,7 +273,10 @@ impl Values {
                 agent.default_model.clone().map(Value::Text),
             );
             put("agent.temperature", agent.temperature.map(Value::Float));
-            put("agent.timeout_seconds", agent.timeout_seconds.map(Value::Int));
+            put(
+                "agent.timeout_seconds",
+                agent.timeout_seconds.map(Value::Int),
+            );
             put("agent.max_tokens", agent.max_tokens.map(Value::Int));
         }
         if let Some(breaker) = &settings.breaker {
@@ -290,7 +302,10 @@ impl Values {
             );
         }
         if let Some(batch) = &settings.batch {
-            put("batch.max_concurrency", batch.max_concurrency.map(Value::Int));
+            put(
+                "batch.max_concurrency",
+                batch.max_concurrency.map(Value::Int),
+            );
         }
         if let Some(llm) = &settings.llm {
             put("llm.pool_size", llm.pool_size.map(Value::Int));
@@ -439,7 +454,9 @@ pub fn merge(layers: &[Layer<'_>]) -> (Values, Vec<Source>) {
     let sources = FIELDS
         .iter()
         .map(|spec| {
-            let (scope, revision) = sources.remove(spec.path).unwrap_or(("default".to_owned(), 0));
+            let (scope, revision) = sources
+                .remove(spec.path)
+                .unwrap_or(("default".to_owned(), 0));
             Source {
                 field: spec.path,
                 scope,
@@ -599,7 +616,10 @@ impl LiveSettings {
             Value::Text(self.agent.default_model.clone()),
         );
         put("agent.temperature", Value::Float(self.agent.temperature));
-        put("agent.timeout_seconds", Value::Int(self.agent.timeout_seconds));
+        put(
+            "agent.timeout_seconds",
+            Value::Int(self.agent.timeout_seconds),
+        );
         put("agent.max_tokens", Value::Int(self.agent.max_tokens));
         put(
             "breaker.failure_threshold",
@@ -617,7 +637,10 @@ impl LiveSettings {
             "retention.artifact_max_age_hours",
             Value::Int(self.retention.artifact_max_age_hours),
         );
-        put("batch.max_concurrency", Value::Int(self.batch.max_concurrency));
+        put(
+            "batch.max_concurrency",
+            Value::Int(self.batch.max_concurrency),
+        );
         put("llm.pool_size", Value::Int(self.llm.pool_size));
         values
     }
@@ -628,10 +651,16 @@ impl LiveSettings {
         let mut settings = LiveSettings::default();
         for (path, value) in values.iter() {
             match (path, value) {
-                ("agent.default_model", Value::Text(text)) => settings.agent.default_model = text.clone(),
+                ("agent.default_model", Value::Text(text)) => {
+                    settings.agent.default_model = text.clone()
+                }
                 ("agent.temperature", Value::Float(number)) => settings.agent.temperature = *number,
-                ("agent.temperature", Value::Int(number)) => settings.agent.temperature = *number as f64,
-                ("agent.timeout_seconds", Value::Int(number)) => settings.agent.timeout_seconds = *number,
+                ("agent.temperature", Value::Int(number)) => {
+                    settings.agent.temperature = *number as f64
+                }
+                ("agent.timeout_seconds", Value::Int(number)) => {
+                    settings.agent.timeout_seconds = *number
+                }
                 ("agent.max_tokens", Value::Int(number)) => settings.agent.max_tokens = *number,
                 ("breaker.failure_threshold", Value::Int(number)) => {
                     settings.breaker.failure_threshold = *number
@@ -645,7 +674,9 @@ impl LiveSettings {
                 ("retention.artifact_max_age_hours", Value::Int(number)) => {
                     settings.retention.artifact_max_age_hours = *number
                 }
-                ("batch.max_concurrency", Value::Int(number)) => settings.batch.max_concurrency = *number,
+                ("batch.max_concurrency", Value::Int(number)) => {
+                    settings.batch.max_concurrency = *number
+                }
                 ("llm.pool_size", Value::Int(number)) => settings.llm.pool_size = *number,
                 _ => {}
             }
@@ -675,9 +706,16 @@ mod tests {
     fn validation_names_field_value_and_rule() {
         let mut values = Values::default();
         values.set(field("agent.temperature").unwrap(), Value::Float(f64::NAN));
-        values.set(field("agent.default_model").unwrap(), Value::Text("  ".into()));
+        values.set(
+            field("agent.default_model").unwrap(),
+            Value::Text("  ".into()),
+        );
         values.set(field("breaker.failure_threshold").unwrap(), Value::Int(0));
-        let fields: Vec<_> = values.validate().into_iter().map(|v| (v.field, v.rule)).collect();
+        let fields: Vec<_> = values
+            .validate()
+            .into_iter()
+            .map(|v| (v.field, v.rule))
+            .collect();
         assert_eq!(fields.len(), 3);
         assert_eq!(fields[0].0, "agent.default_model");
         assert_eq!(fields[1].0, "agent.temperature");
@@ -732,12 +770,22 @@ mod tests {
     #[test]
     fn scopes_parse_strictly() {
         assert_eq!(Scope::parse("global"), Ok(Scope::Global));
-        assert_eq!(Scope::parse("agent/coder"), Ok(Scope::Agent("coder".into())));
+        assert_eq!(
+            Scope::parse("agent/coder"),
+            Ok(Scope::Agent("coder".into()))
+        );
         assert_eq!(
             Scope::parse("project/p-1.x").unwrap().to_string(),
             "project/p-1.x"
         );
-        for bad in ["", "Global", "agent/", "agent/a/b", "team/x", "project/has space"] {
+        for bad in [
+            "",
+            "Global",
+            "agent/",
+            "agent/a/b",
+            "team/x",
+            "project/has space",
+        ] {
             assert_eq!(Scope::parse(bad), Err(InvalidScope), "{bad}");
         }
     }

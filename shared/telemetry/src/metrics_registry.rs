@@ -8,8 +8,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 /// Latency buckets in seconds, from 100 µs to 60 s: fine at the low end,
 /// where gRPC overhead lives, and wide enough for LLM calls.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    30.0, 60.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
 ];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -20,7 +20,10 @@ pub fn metrics_handle() -> Option<&'static PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS_SECONDS)
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".to_owned()),
+                    LATENCY_BUCKETS_SECONDS,
+                )
                 .ok()?;
             builder.install_recorder().ok()
         })
@@ -29,5 +32,7 @@ pub fn metrics_handle() -> Option<&'static PrometheusHandle> {
 
 /// Renders every metric in the Prometheus text format.
 pub fn render_metrics() -> String {
-    metrics_handle().map(PrometheusHandle::render).unwrap_or_default()
+    metrics_handle()
+        .map(PrometheusHandle::render)
+        .unwrap_or_default()
 }

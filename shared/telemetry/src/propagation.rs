@@ -34,7 +34,9 @@ impl Injector for MetadataInjector<'_> {
 /// Extracts the remote parent context from request headers (`traceparent`,
 /// `tracestate`); an empty context when absent or malformed.
 pub fn extract_remote_context(headers: &http::HeaderMap) -> opentelemetry::Context {
-    opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&HeaderExtractor(headers)))
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&HeaderExtractor(headers))
+    })
 }
 
 /// Makes `span` a child of the caller's trace context found in `headers`
@@ -74,7 +76,10 @@ pub fn span_trace_id(span: &tracing::Span) -> Option<String> {
 pub struct TraceContextInterceptor;
 
 impl tonic::service::Interceptor for TraceContextInterceptor {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         let context = tracing::Span::current().context();
         opentelemetry::global::get_text_map_propagator(|propagator| {
             propagator.inject_context(&context, &mut MetadataInjector(request.metadata_mut()));
