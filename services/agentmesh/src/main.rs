@@ -1,1 +1,26 @@
-fn main() {}
+//! The `agentmesh` binary: `up` (the whole suite in one process), `serve
+//! <service>`, `migrate` and `bench`. Thin: it parses arguments, loads
+//! settings, starts telemetry and calls the service libraries.
+
+mod bench;
+mod cli;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("agentmesh: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run::dispatch(cli))
+}

@@ -12,7 +12,9 @@ use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::service::{ConfigCore, RollbackCommand, ScopeState, Snapshot, UpdateCommand, WatchEvent};
+use crate::service::{
+    ConfigCore, RollbackCommand, ScopeState, Snapshot, UpdateCommand, WatchEvent,
+};
 use crate::store::{ChangeKind, RevisionRecord};
 
 /// Largest `History` page.
@@ -42,7 +44,11 @@ fn parse_scope(field: &str, text: &str, violations: &mut Vec<FieldViolation>) ->
     match Scope::parse(text) {
         Ok(scope) => Some(scope),
         Err(error) => {
-            violations.push(FieldViolation::new(field, format!("{text:?}"), error.to_string()));
+            violations.push(FieldViolation::new(
+                field,
+                format!("{text:?}"),
+                error.to_string(),
+            ));
             None
         }
     }
@@ -65,7 +71,11 @@ fn check_author_reason(author: &str, reason: &str, violations: &mut Vec<FieldVio
     }
 }
 
-fn check_optional_name(field: &str, name: &str, violations: &mut Vec<FieldViolation>) -> Option<String> {
+fn check_optional_name(
+    field: &str,
+    name: &str,
+    violations: &mut Vec<FieldViolation>,
+) -> Option<String> {
     if name.is_empty() {
         return None;
     }
@@ -81,7 +91,11 @@ fn check_optional_name(field: &str, name: &str, violations: &mut Vec<FieldViolat
 }
 
 fn reject_if_any(violations: Vec<FieldViolation>) -> Result<(), Status> {
-    if violations.is_empty() { Ok(()) } else { Err(invalid_argument(&violations)) }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid_argument(&violations))
+    }
 }
 
 /// Validates an `UpdateRequest` into a command, reporting every bad field.
@@ -104,7 +118,12 @@ pub fn update_command(request: pb::UpdateRequest) -> Result<UpdateCommand, Statu
         ));
     }
     let mut clear = Vec::new();
-    for (index, path) in request.clear_fields.iter().enumerate().take(MAX_CLEAR_FIELDS) {
+    for (index, path) in request
+        .clear_fields
+        .iter()
+        .enumerate()
+        .take(MAX_CLEAR_FIELDS)
+    {
         match live::field(path) {
             Some(spec) if set.get(spec.path).is_some() => violations.push(FieldViolation::new(
                 format!("clear_fields[{index}]"),
@@ -117,13 +136,21 @@ pub fn update_command(request: pb::UpdateRequest) -> Result<UpdateCommand, Statu
                 format!("{path:?}"),
                 format!(
                     "must be one of {}",
-                    live::FIELDS.iter().map(|spec| spec.path).collect::<Vec<_>>().join(", ")
+                    live::FIELDS
+                        .iter()
+                        .map(|spec| spec.path)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             )),
         }
     }
     if set.is_empty() && request.clear_fields.is_empty() {
-        violations.push(FieldViolation::new("settings", "{}", "must set or clear at least one field"));
+        violations.push(FieldViolation::new(
+            "settings",
+            "{}",
+            "must set or clear at least one field",
+        ));
     }
     check_author_reason(&request.author, &request.reason, &mut violations);
     reject_if_any(violations)?;
@@ -174,7 +201,11 @@ fn scope_to_proto(scope: &Scope, state: &ScopeState) -> pb::ScopeSettings {
 fn snapshot_to_proto(snapshot: &Snapshot, resync: bool) -> pb::Snapshot {
     pb::Snapshot {
         revision: snapshot.revision,
-        scopes: snapshot.scopes.iter().map(|(scope, state)| scope_to_proto(scope, state)).collect(),
+        scopes: snapshot
+            .scopes
+            .iter()
+            .map(|(scope, state)| scope_to_proto(scope, state))
+            .collect(),
         resync,
     }
 }
@@ -183,7 +214,10 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> 
 
 #[tonic::async_trait]
 impl pb::config_service_server::ConfigService for ConfigGrpc {
-    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
         let request = request.into_inner();
         let mut violations = Vec::new();
         let scope = parse_scope("scope", &request.scope, &mut violations);
@@ -205,7 +239,9 @@ impl pb::config_service_server::ConfigService for ConfigGrpc {
         let agent_type = check_optional_name("agent_type", &request.agent_type, &mut violations);
         let project_id = check_optional_name("project_id", &request.project_id, &mut violations);
         reject_if_any(violations)?;
-        let (values, sources, head) = self.core.effective(agent_type.as_deref(), project_id.as_deref());
+        let (values, sources, head) = self
+            .core
+            .effective(agent_type.as_deref(), project_id.as_deref());
         Ok(Response::new(pb::GetEffectiveResponse {
             settings: Some(values.to_proto()),
             sources: sources
@@ -220,13 +256,21 @@ impl pb::config_service_server::ConfigService for ConfigGrpc {
         }))
     }
 
-    async fn update(&self, request: Request<pb::UpdateRequest>) -> Result<Response<pb::UpdateResponse>, Status> {
+    async fn update(
+        &self,
+        request: Request<pb::UpdateRequest>,
+    ) -> Result<Response<pb::UpdateResponse>, Status> {
         let command = update_command(request.into_inner())?;
         let record = self.core.update(command).await?;
-        Ok(Response::new(pb::UpdateResponse { revision: Some(revision_to_proto(&record)) }))
+        Ok(Response::new(pb::UpdateResponse {
+            revision: Some(revision_to_proto(&record)),
+        }))
     }
 
-    async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
         let request = request.into_inner();
         let mut violations = Vec::new();
         let scope = if request.scope.is_empty() {
@@ -257,14 +301,21 @@ impl pb::config_service_server::ConfigService for ConfigGrpc {
             }
         };
         reject_if_any(violations)?;
-        let page_size = if request.page_size == 0 { DEFAULT_PAGE_SIZE } else { request.page_size };
+        let page_size = if request.page_size == 0 {
+            DEFAULT_PAGE_SIZE
+        } else {
+            request.page_size
+        };
         let mut records = self
             .core
             .history(scope.as_ref(), before, u64::from(page_size) + 1)
             .await?;
         let next_page_token = if records.len() > page_size as usize {
             records.truncate(page_size as usize);
-            records.last().map(|record| record.revision.to_string()).unwrap_or_default()
+            records
+                .last()
+                .map(|record| record.revision.to_string())
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -281,7 +332,11 @@ impl pb::config_service_server::ConfigService for ConfigGrpc {
         let request = request.into_inner();
         let mut violations = Vec::new();
         if request.revision == 0 {
-            violations.push(FieldViolation::new("revision", "0", "must be a revision number (at least 1)"));
+            violations.push(FieldViolation::new(
+                "revision",
+                "0",
+                "must be a revision number (at least 1)",
+            ));
         }
         check_author_reason(&request.author, &request.reason, &mut violations);
         reject_if_any(violations)?;
@@ -294,12 +349,17 @@ impl pb::config_service_server::ConfigService for ConfigGrpc {
                 reason: request.reason,
             })
             .await?;
-        Ok(Response::new(pb::RollbackResponse { revision: Some(revision_to_proto(&record)) }))
+        Ok(Response::new(pb::RollbackResponse {
+            revision: Some(revision_to_proto(&record)),
+        }))
     }
 
     type WatchStream = WatchStream;
 
-    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let receiver = self.core.watch(request.into_inner().from_revision).await?;
         let stream = ReceiverStream::new(receiver).map(|event| {
             event.map_err(Status::from).map(|event| pb::WatchResponse {
@@ -307,7 +367,9 @@ impl pb::config_service_server::ConfigService for ConfigGrpc {
                     WatchEvent::Snapshot { snapshot, resync } => {
                         pb::watch_response::Event::Snapshot(snapshot_to_proto(&snapshot, resync))
                     }
-                    WatchEvent::Change(record) => pb::watch_response::Event::Change(revision_to_proto(&record)),
+                    WatchEvent::Change(record) => {
+                        pb::watch_response::Event::Change(revision_to_proto(&record))
+                    }
                 }),
             })
         });

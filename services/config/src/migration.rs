@@ -3,7 +3,9 @@
 //! other services' migrations in a shared database.
 
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::schema::{big_integer, big_integer_null, big_pk_auto, integer, string, text};
+use sea_orm_migration::schema::{
+    big_integer, big_integer_null, big_pk_auto, integer, string, text,
+};
 
 /// The config service's migrations.
 pub struct Migrator;

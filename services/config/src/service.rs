@@ -196,7 +196,10 @@ impl ConfigCore {
                     next.revision = record.revision;
                     next.scopes.insert(
                         record.scope.clone(),
-                        ScopeState { revision: record.revision, values: record.values.clone() },
+                        ScopeState {
+                            revision: record.revision,
+                            values: record.values.clone(),
+                        },
                     );
                     *view = Arc::new(next);
                 }
@@ -222,12 +225,19 @@ impl ConfigCore {
     /// the head revision.
     pub fn get(&self, scope: &Scope) -> (ScopeState, u64) {
         let view = self.snapshot();
-        (view.scopes.get(scope).cloned().unwrap_or_default(), view.revision)
+        (
+            view.scopes.get(scope).cloned().unwrap_or_default(),
+            view.revision,
+        )
     }
 
     /// Merged settings global < agent < project, each value's source, and
     /// the head revision.
-    pub fn effective(&self, agent_type: Option<&str>, project_id: Option<&str>) -> (Values, Vec<Source>, u64) {
+    pub fn effective(
+        &self,
+        agent_type: Option<&str>,
+        project_id: Option<&str>,
+    ) -> (Values, Vec<Source>, u64) {
         let view = self.snapshot();
         let scopes = [
             Some(Scope::Global),
@@ -239,7 +249,11 @@ impl ConfigCore {
             .flatten()
             .filter_map(|scope| {
                 let (scope_key, state) = view.scopes.get_key_value(scope)?;
-                Some(Layer { scope: scope_key, revision: state.revision, values: &state.values })
+                Some(Layer {
+                    scope: scope_key,
+                    revision: state.revision,
+                    values: &state.values,
+                })
             })
             .collect();
         let (values, sources) = live::merge(&layers);
@@ -249,15 +263,30 @@ impl ConfigCore {
     /// Validates and writes an update; a change that alters nothing writes
     /// no revision and returns the scope's current one.
     pub async fn update(&self, command: UpdateCommand) -> Result<RevisionRecord, ConfigError> {
-        let UpdateCommand { scope, set, clear, expected_revision, author, reason } = command;
-        self.write(&scope, expected_revision, ChangeKind::Update, None, &author, &reason, |current| {
-            let mut next = current.clone();
-            next.overlay(&set);
-            for path in &clear {
-                next.remove(path);
-            }
-            next
-        })
+        let UpdateCommand {
+            scope,
+            set,
+            clear,
+            expected_revision,
+            author,
+            reason,
+        } = command;
+        self.write(
+            &scope,
+            expected_revision,
+            ChangeKind::Update,
+            None,
+            &author,
+            &reason,
+            |current| {
+                let mut next = current.clone();
+                next.overlay(&set);
+                for path in &clear {
+                    next.remove(path);
+                }
+                next
+            },
+        )
         .await
     }
 
@@ -304,7 +333,10 @@ impl ConfigCore {
                 current: current_revision,
             });
         }
-        let current_values = current.as_ref().map(|record| record.values.clone()).unwrap_or_default();
+        let current_values = current
+            .as_ref()
+            .map(|record| record.values.clone())
+            .unwrap_or_default();
         let next_values = change(&current_values);
         let violations = next_values.validate();
         if !violations.is_empty() {
@@ -344,7 +376,8 @@ impl ConfigCore {
             )
             .await?;
         transaction.commit().await?;
-        metrics::counter!("agentmesh_config_revisions_total", "kind" => kind_label(kind)).increment(1);
+        metrics::counter!("agentmesh_config_revisions_total", "kind" => kind_label(kind))
+            .increment(1);
         tracing::info!(revision, scope = %scope, author, changed = ?changed_fields, "config revision written");
         // Make the write visible to reads and watchers before answering.
         if let Err(error) = self.sync().await {
@@ -392,7 +425,10 @@ impl ConfigCore {
         let changes = self.changes.subscribe();
         let head = self.snapshot().revision;
         let replay = if from_revision > 0 && from_revision <= head {
-            let records = self.store.revisions_after(from_revision, REPLAY_LIMIT + 1).await?;
+            let records = self
+                .store
+                .revisions_after(from_revision, REPLAY_LIMIT + 1)
+                .await?;
             (records.len() as u64 <= REPLAY_LIMIT).then_some(records)
         } else {
             None
@@ -417,7 +453,10 @@ impl ConfigCore {
                 let mut last = from_revision;
                 for record in records {
                     last = record.revision;
-                    if !self.send(&sender, Ok(WatchEvent::Change(Arc::new(record)))).await {
+                    if !self
+                        .send(&sender, Ok(WatchEvent::Change(Arc::new(record))))
+                        .await
+                    {
                         watchers.decrement(1.0);
                         return;
                     }

@@ -8,8 +8,8 @@ use agentmesh_settings::live::Values;
 use chrono::{DateTime, Utc};
 use sea_orm::entity::prelude::*;
 use sea_orm::{
-    ActiveValue, ConnectionTrait, DatabaseTransaction, DbBackend, QueryOrder, QuerySelect, Statement,
-    TransactionTrait,
+    ActiveValue, ConnectionTrait, DatabaseTransaction, DbBackend, QueryOrder, QuerySelect,
+    Statement, TransactionTrait,
 };
 
 use crate::error::ConfigError;
@@ -116,12 +116,23 @@ pub struct NewRevision<'a> {
 }
 
 fn decode(model: revision::Model) -> Result<RevisionRecord, ConfigError> {
-    let scope = Scope::parse(&model.scope)
-        .map_err(|_| ConfigError::Corrupt(format!("revision {} has scope {:?}", model.revision, model.scope)))?;
-    let settings_json: serde_json::Value = serde_json::from_str(&model.settings)
-        .map_err(|error| ConfigError::Corrupt(format!("revision {} settings: {error}", model.revision)))?;
-    let changed_fields: Vec<String> = serde_json::from_str(&model.changed_fields)
-        .map_err(|error| ConfigError::Corrupt(format!("revision {} changed fields: {error}", model.revision)))?;
+    let scope = Scope::parse(&model.scope).map_err(|_| {
+        ConfigError::Corrupt(format!(
+            "revision {} has scope {:?}",
+            model.revision, model.scope
+        ))
+    })?;
+    let settings_json: serde_json::Value =
+        serde_json::from_str(&model.settings).map_err(|error| {
+            ConfigError::Corrupt(format!("revision {} settings: {error}", model.revision))
+        })?;
+    let changed_fields: Vec<String> =
+        serde_json::from_str(&model.changed_fields).map_err(|error| {
+            ConfigError::Corrupt(format!(
+                "revision {} changed fields: {error}",
+                model.revision
+            ))
+        })?;
     Ok(RevisionRecord {
         revision: model.revision as u64,
         scope,
@@ -191,8 +202,9 @@ impl Store {
         transaction: &DatabaseTransaction,
         new: NewRevision<'_>,
     ) -> Result<u64, ConfigError> {
-        let changed = serde_json::to_string(new.changed_fields)
-            .map_err(|error| ConfigError::Corrupt(format!("cannot encode changed fields: {error}")))?;
+        let changed = serde_json::to_string(new.changed_fields).map_err(|error| {
+            ConfigError::Corrupt(format!("cannot encode changed fields: {error}"))
+        })?;
         let model = revision::ActiveModel {
             revision: ActiveValue::NotSet,
             scope: ActiveValue::Set(new.scope.to_string()),
@@ -210,7 +222,11 @@ impl Store {
 
     /// Revisions after `after`, oldest first, at most `limit` (writer pool:
     /// the change feed must see the newest commits).
-    pub async fn revisions_after(&self, after: u64, limit: u64) -> Result<Vec<RevisionRecord>, ConfigError> {
+    pub async fn revisions_after(
+        &self,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<RevisionRecord>, ConfigError> {
         revision::Entity::find()
             .filter(revision::Column::Revision.gt(after as i64))
             .order_by_asc(revision::Column::Revision)

@@ -111,9 +111,17 @@ impl GrpcServer {
     ) -> Result<(), RuntimeError> {
         self.set_status(ServingStatus::NotServing).await;
 
-        let mut reflection_v1 = tonic_reflection::server::Builder::configure();
-        let mut reflection_v1alpha = tonic_reflection::server::Builder::configure();
-        for descriptor_set in &self.descriptor_sets {
+        // Each reflection version describes both, so clients of either see
+        // the whole list.
+        let mut reflection_v1 =
+            tonic_reflection::server::Builder::configure().include_reflection_service(false);
+        let mut reflection_v1alpha =
+            tonic_reflection::server::Builder::configure().include_reflection_service(false);
+        let reflection_sets = [
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ];
+        for descriptor_set in self.descriptor_sets.iter().chain(reflection_sets.iter()) {
             reflection_v1 = reflection_v1.register_encoded_file_descriptor_set(descriptor_set);
             reflection_v1alpha =
                 reflection_v1alpha.register_encoded_file_descriptor_set(descriptor_set);

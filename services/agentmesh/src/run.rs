@@ -1,0 +1,146 @@
+//! Runs the subcommands.
+
+use std::process::ExitCode;
+
+use agentmesh_db::Database;
+use agentmesh_runtime::{Readiness, serve_admin, shutdown_on_signals};
+use agentmesh_settings::Settings;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::cli::{Cli, Command, ServeArgs, ServiceName};
+
+/// Exit status for invalid settings or arguments.
+const EXIT_USAGE: u8 = 2;
+
+pub async fn dispatch(cli: Cli) -> ExitCode {
+    let Cli {
+        config,
+        log_format,
+        command,
+    } = cli;
+    let (args, services) = match &command {
+        Command::Bench(args) => return crate::bench::run(args).await,
+        Command::Up(args) => (args, vec![ServiceName::Config]),
+        Command::Serve { service, args } => (args, vec![*service]),
+        Command::Migrate(args) => (args, Vec::new()),
+    };
+    let settings = match load_settings(config.as_deref(), args, log_format) {
+        Ok(settings) => settings,
+        Err(message) => {
+            eprintln!("agentmesh: {message}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if args.dump_config {
+        print!("{}", settings.dump());
+        return ExitCode::SUCCESS;
+    }
+    let _telemetry = match agentmesh_telemetry::init("agentmesh", settings.telemetry.log_format) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("agentmesh: {error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let result = match command {
+        Command::Migrate(_) => migrate(&settings).await,
+        _ => serve(&settings, &services).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "agentmesh stopped with an error");
+            eprintln!("agentmesh: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_settings(
+    file: Option<&std::path::Path>,
+    args: &ServeArgs,
+    log_format: Option<crate::cli::LogFormatArg>,
+) -> Result<Settings, String> {
+    let mut settings = Settings::load(file).map_err(|error| error.to_string())?;
+    args.apply(&mut settings, log_format);
+    settings
+        .validate()
+        .map_err(|violations| agentmesh_settings::LoadError::Invalid(violations).to_string())?;
+    Ok(settings)
+}
+
+async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let database = Database::connect(settings).await?;
+    agentmesh_config::migrate(&database).await?;
+    tracing::info!("migrations applied");
+    database.close().await;
+    Ok(())
+}
+
+async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind((host, port))
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot listen on {host}:{port} for {what}: {error}"))
+}
+
+async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<()> {
+    agentmesh_telemetry::metrics_handle();
+    let shutdown = shutdown_on_signals();
+    let readiness = Readiness::default();
+    let host = settings.server.host.as_str();
+
+    // Bind everything first, so a busy port fails fast before any work.
+    let admin_listener = bind(host, settings.ports.admin, "the admin endpoint").await?;
+    let mut listeners = Vec::new();
+    for service in services {
+        let port = match service {
+            ServiceName::Config => settings.ports.config,
+        };
+        listeners.push((
+            *service,
+            bind(host, port, &format!("{service:?}").to_lowercase()).await?,
+        ));
+    }
+    tracing::info!(address = %admin_listener.local_addr()?, "admin endpoint listening (/metrics, /healthz, /readyz)");
+
+    let mut tasks = JoinSet::new();
+    let admin_shutdown = shutdown.clone();
+    let admin_readiness = readiness.clone();
+    tasks.spawn(async move {
+        serve_admin(admin_listener, admin_readiness, admin_shutdown)
+            .await
+            .map_err(|error| anyhow::anyhow!("admin endpoint failed: {error}"))
+    });
+    for (service, listener) in listeners {
+        let settings = settings.clone();
+        let readiness = readiness.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            match service {
+                ServiceName::Config => {
+                    agentmesh_config::serve(&settings, listener, readiness, shutdown)
+                        .await
+                        .map_err(|error| anyhow::anyhow!("config service: {error}"))
+                }
+            }
+        });
+    }
+
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = joined.map_err(|error| anyhow::anyhow!("a service task panicked: {error}"));
+        if let Err(error) = outcome.and_then(|result| result) {
+            // One service failing takes the process down, cleanly.
+            shutdown.cancel();
+            first_error.get_or_insert(error);
+        }
+    }
+    match first_error {
+        Some(error) => Err(error),
+        None => {
+            tracing::info!("agentmesh stopped");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! [`ConfigWatcher`]: keeps a live copy of every settings scope from the
+//! config service's `Watch` stream. It reconnects with backoff and resumes
+//! from the last revision it saw; while the config service is unreachable it
+//! keeps serving the last snapshot (or, on a cold start, the bootstrap
+//! defaults) and says so in logs and metrics.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentmesh_proto::config as pb;
+use agentmesh_proto::config::config_service_client::ConfigServiceClient;
+use agentmesh_resilience::Backoff;
+use agentmesh_settings::live::{self, Layer, Values};
+use agentmesh_settings::{LiveSettings, Scope};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::channel::{ClientError, TracedChannel, connect_lazy};
+
+/// The watcher's view of every scope.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigSnapshot {
+    /// The newest revision applied; 0 before the first contact.
+    pub revision: u64,
+    /// Every scope's own values and revision.
+    pub scopes: BTreeMap<Scope, (u64, Values)>,
+    /// True while the watch stream is up.
+    pub connected: bool,
+}
+
+impl ConfigSnapshot {
+    /// Merged settings global < agent < project, over built-in defaults.
+    pub fn effective(&self, agent_type: Option<&str>, project_id: Option<&str>) -> LiveSettings {
+        let scopes = [
+            Some(Scope::Global),
+            agent_type.map(|name| Scope::Agent(name.to_owned())),
+            project_id.map(|name| Scope::Project(name.to_owned())),
+        ];
+        let layers: Vec<Layer<'_>> = scopes
+            .iter()
+            .flatten()
+            .filter_map(|scope| {
+                let (scope_key, (revision, values)) = self.scopes.get_key_value(scope)?;
+                Some(Layer {
+                    scope: scope_key,
+                    revision: *revision,
+                    values,
+                })
+            })
+            .collect();
+        LiveSettings::from_values(&live::merge(&layers).0)
+    }
+}
+
+/// A live, reconnecting view of the config service's settings.
+#[derive(Clone, Debug)]
+pub struct ConfigWatcher {
+    state: watch::Receiver<Arc<ConfigSnapshot>>,
+    stop: CancellationToken,
+}
+
+impl ConfigWatcher {
+    /// Starts watching `endpoint`. Until the first snapshot arrives, the
+    /// global scope holds `defaults` (the process's bootstrap defaults).
+    /// The watcher stops when `shutdown` is cancelled.
+    pub fn start(
+        endpoint: &str,
+        defaults: &LiveSettings,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, ClientError> {
+        let channel = connect_lazy(endpoint)?;
+        let mut scopes = BTreeMap::new();
+        scopes.insert(Scope::Global, (0, defaults.to_values()));
+        let (sender, state) = watch::channel(Arc::new(ConfigSnapshot {
+            revision: 0,
+            scopes,
+            connected: false,
+        }));
+        let stop = shutdown.child_token();
+        tokio::spawn(run(channel, endpoint.to_owned(), sender, stop.clone()));
+        Ok(Self { state, stop })
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<ConfigSnapshot> {
+        Arc::clone(&self.state.borrow())
+    }
+
+    /// Effective settings for an agent type and/or project.
+    pub fn effective(&self, agent_type: Option<&str>, project_id: Option<&str>) -> LiveSettings {
+        self.state.borrow().effective(agent_type, project_id)
+    }
+
+    /// A receiver notified on every change (and connection change).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ConfigSnapshot>> {
+        self.state.clone()
+    }
+
+    /// Waits until the snapshot reaches `revision`, at most `timeout`;
+    /// returns whether it did.
+    pub async fn wait_for_revision(&self, revision: u64, timeout: Duration) -> bool {
+        let mut receiver = self.state.clone();
+        tokio::time::timeout(
+            timeout,
+            receiver.wait_for(|snapshot| snapshot.revision >= revision),
+        )
+        .await
+        .is_ok_and(|result| result.is_ok())
+    }
+
+    /// Stops watching.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+async fn run(
+    channel: TracedChannel,
+    endpoint: String,
+    sender: watch::Sender<Arc<ConfigSnapshot>>,
+    stop: CancellationToken,
+) {
+    let mut client = ConfigServiceClient::new(channel);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut reported_down = false;
+    let connected_gauge = metrics::gauge!("agentmesh_config_watcher_connected");
+    connected_gauge.set(0.0);
+    loop {
+        let from_revision = sender.borrow().revision;
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => return,
+            outcome = follow(&mut client, from_revision, &sender, &mut backoff) => outcome,
+        };
+        connected_gauge.set(0.0);
+        if sender.borrow().connected {
+            // This attempt had connected: a new outage starts now.
+            reported_down = false;
+        }
+        sender.send_modify(|snapshot| Arc::make_mut(snapshot).connected = false);
+        if !reported_down {
+            reported_down = true;
+            tracing::warn!(
+                endpoint,
+                revision = sender.borrow().revision,
+                reason = %outcome,
+                "config service unreachable, keeping the last snapshot"
+            );
+        } else {
+            tracing::debug!(endpoint, reason = %outcome, "config watch retry failed");
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Follows one Watch stream until it ends; returns why it ended.
+async fn follow(
+    client: &mut ConfigServiceClient<TracedChannel>,
+    from_revision: u64,
+    sender: &watch::Sender<Arc<ConfigSnapshot>>,
+    backoff: &mut Backoff,
+) -> String {
+    let mut stream = match client.watch(pb::WatchRequest { from_revision }).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return format!("{:?}: {}", status.code(), status.message()),
+    };
+    loop {
+        let message = match stream.message().await {
+            Ok(Some(message)) => message,
+            Ok(None) => return "stream ended".to_owned(),
+            Err(status) => return format!("{:?}: {}", status.code(), status.message()),
+        };
+        let Some(event) = message.event else { continue };
+        let was_connected = sender.borrow().connected;
+        sender.send_modify(|snapshot| {
+            let snapshot = Arc::make_mut(snapshot);
+            snapshot.connected = true;
+            match event {
+                pb::watch_response::Event::Snapshot(full) => {
+                    snapshot.revision = full.revision;
+                    snapshot.scopes = full
+                        .scopes
+                        .iter()
+                        .filter_map(|scope| {
+                            let parsed = Scope::parse(&scope.scope).ok()?;
+                            let values =
+                                Values::from_proto(&scope.settings.clone().unwrap_or_default());
+                            Some((parsed, (scope.revision, values)))
+                        })
+                        .collect();
+                }
+                pb::watch_response::Event::Change(change) => {
+                    if let Ok(scope) = Scope::parse(&change.scope) {
+                        let values =
+                            Values::from_proto(&change.settings.clone().unwrap_or_default());
+                        snapshot.scopes.insert(scope, (change.revision, values));
+                    }
+                    snapshot.revision = snapshot.revision.max(change.revision);
+                }
+            }
+        });
+        if !was_connected {
+            backoff.reset();
+            metrics::gauge!("agentmesh_config_watcher_connected").set(1.0);
+            tracing::info!(
+                revision = sender.borrow().revision,
+                "config watch connected"
+            );
+        }
+        metrics::gauge!("agentmesh_config_watcher_revision").set(sender.borrow().revision as f64);
+    }
+}
