@@ -1,1 +1,192 @@
-//! placeholder
+//! The test sandbox: starts agentmesh services in-process on ephemeral
+//! loopback ports against SQLite (always) or PostgreSQL (when
+//! `AGENTMESH_TEST_DATABASE_URL` is set; each sandbox in its own schema),
+//! hands out generated tonic clients, and stops them at the end.
+//!
+//! With `AGENTMESH_TEST_REQUIRE_SERVICES=1` a missing or unreachable
+//! PostgreSQL fails the test instead of skipping it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use agentmesh_proto::config::config_service_client::ConfigServiceClient;
+use agentmesh_runtime::Readiness;
+use agentmesh_settings::Settings;
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// Which database a sandbox uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file in a temporary data dir.
+    Sqlite,
+    /// PostgreSQL from `AGENTMESH_TEST_DATABASE_URL`, in a fresh schema.
+    Postgres,
+}
+
+fn require_services() -> bool {
+    std::env::var("AGENTMESH_TEST_REQUIRE_SERVICES").is_ok_and(|value| value == "1")
+}
+
+/// The PostgreSQL URL for tests, or `None` (test skipped) when it is not
+/// configured or not reachable and services are not required.
+pub async fn postgres_url() -> Option<String> {
+    let Ok(url) = std::env::var("AGENTMESH_TEST_DATABASE_URL") else {
+        assert!(
+            !require_services(),
+            "AGENTMESH_TEST_REQUIRE_SERVICES=1 but AGENTMESH_TEST_DATABASE_URL is not set"
+        );
+        eprintln!("skipping: AGENTMESH_TEST_DATABASE_URL is not set");
+        return None;
+    };
+    match sea_orm::Database::connect(url.as_str()).await {
+        Ok(connection) => {
+            let _ = connection.close().await;
+            Some(url)
+        }
+        Err(error) => {
+            assert!(!require_services(), "PostgreSQL at {url} is unreachable: {error}");
+            eprintln!("skipping: PostgreSQL at {url} is unreachable: {error}");
+            None
+        }
+    }
+}
+
+/// The database of one sandbox: settings pointing at it, and cleanup.
+pub struct TestDatabase {
+    /// Settings with `data_dir` / `database_url` / `database.schema` set.
+    pub settings: Settings,
+    _data_dir: tempfile::TempDir,
+    postgres: Option<(String, String)>,
+}
+
+impl TestDatabase {
+    /// A fresh database for `backend`; `None` when PostgreSQL is skipped.
+    pub async fn new(backend: Backend) -> Option<Self> {
+        let data_dir = tempfile::tempdir().ok()?;
+        let mut settings = Settings::default();
+        settings.data_dir = data_dir.path().to_path_buf();
+        settings.database.max_connections = 4;
+        settings.config_service.poll_interval_ms = 50;
+        settings.server.shutdown_grace_seconds = 5;
+        let postgres = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => {
+                let url = postgres_url().await?;
+                let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+                settings.database_url = Some(url.clone());
+                settings.database.schema = Some(schema.clone());
+                Some((url, schema))
+            }
+        };
+        Some(Self { settings, _data_dir: data_dir, postgres })
+    }
+
+    /// Drops the PostgreSQL schema (SQLite files go with the temp dir).
+    pub async fn cleanup(self) {
+        if let Some((url, schema)) = &self.postgres
+            && let Ok(connection) = sea_orm::Database::connect(url.as_str()).await
+        {
+            let _ = connection
+                .execute_raw(Statement::from_string(
+                    DbBackend::Postgres,
+                    format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"),
+                ))
+                .await;
+            let _ = connection.close().await;
+        }
+    }
+}
+
+/// One running config service.
+pub struct ConfigNode {
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// Cancel to shut it down gracefully.
+    pub shutdown: CancellationToken,
+    /// Readiness as `/readyz` reports it.
+    pub readiness: Readiness,
+    task: JoinHandle<Result<(), agentmesh_config::ServeError>>,
+}
+
+impl ConfigNode {
+    /// Starts a config service on an ephemeral port and waits until it is
+    /// ready.
+    pub async fn start(settings: &Settings) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let readiness = Readiness::default();
+        let task = {
+            let settings = settings.clone();
+            let readiness = readiness.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { agentmesh_config::serve(&settings, listener, readiness, shutdown).await })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !readiness.is_ready() {
+            if task.is_finished() {
+                let outcome = task.await?;
+                anyhow::bail!("config service exited during start-up: {outcome:?}");
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "config service not ready after 30 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(Self { address, shutdown, readiness, task })
+    }
+
+    /// `http://address`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// A connected channel.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(self.endpoint())?.connect().await?)
+    }
+
+    /// A config client.
+    pub async fn client(&self) -> anyhow::Result<ConfigServiceClient<Channel>> {
+        Ok(ConfigServiceClient::new(self.channel().await?))
+    }
+
+    /// Shuts down gracefully and returns the serve result.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// Defines `<name>_sqlite` and `<name>_postgres` tests running
+/// `async fn <name>(db: &TestDatabase) -> anyhow::Result<()>`, dropping the
+/// PostgreSQL schema afterwards whatever the outcome.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() -> anyhow::Result<()> {
+                let db = $crate::TestDatabase::new($crate::Backend::Sqlite)
+                    .await
+                    .ok_or_else(|| anyhow::anyhow!("cannot create a temp dir"))?;
+                let result = super::$name(&db).await;
+                db.cleanup().await;
+                result
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() -> anyhow::Result<()> {
+                let Some(db) = $crate::TestDatabase::new($crate::Backend::Postgres).await else {
+                    return Ok(());
+                };
+                let result = super::$name(&db).await;
+                db.cleanup().await;
+                result
+            }
+        }
+    };
+}
