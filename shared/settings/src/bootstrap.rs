@@ -277,13 +277,7 @@ impl Settings {
                     .split("__"),
             );
         let settings: Settings = figment.extract().map_err(|error| {
-            LoadError::Parse(
-                error
-                    .into_iter()
-                    .map(|e| e.to_string().replace('\n', " "))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
+            LoadError::Parse(error.into_iter().map(|e| describe_figment_error(&e)).collect::<Vec<_>>().join("; "))
         })?;
         settings.validate().map_err(LoadError::Invalid)?;
         Ok(settings)
@@ -441,6 +435,25 @@ impl Settings {
         toml::to_string_pretty(&masked)
             .unwrap_or_else(|error| format!("# cannot render settings: {error}\n"))
     }
+}
+
+/// One line naming the key (dotted, lower case), what is wrong and where
+/// the value came from.
+fn describe_figment_error(error: &figment::Error) -> String {
+    let key = error.path.join(".").to_lowercase();
+    let origin = error
+        .metadata
+        .as_ref()
+        .map(|metadata| match &metadata.source {
+            Some(figment::Source::File(path)) => format!(" (from {})", path.display()),
+            _ if metadata.name.contains("AGENTMESH_") && !key.is_empty() => {
+                format!(" (from AGENTMESH_{})", error.path.join("__").to_uppercase())
+            }
+            _ => format!(" (from {})", metadata.name),
+        })
+        .unwrap_or_default();
+    let kind = error.kind.to_string().replace('\n', " ");
+    if key.is_empty() { format!("{kind}{origin}") } else { format!("{key}: {kind}{origin}") }
 }
 
 /// Replaces the password of a URL (`scheme://user:password@host`) with `****`.
