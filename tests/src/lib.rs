@@ -6,6 +6,8 @@
 //! With `AGENTMESH_TEST_REQUIRE_SERVICES=1` a missing or unreachable
 //! PostgreSQL fails the test instead of skipping it.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -48,7 +50,10 @@ pub async fn postgres_url() -> Option<String> {
             Some(url)
         }
         Err(error) => {
-            assert!(!require_services(), "PostgreSQL at {url} is unreachable: {error}");
+            assert!(
+                !require_services(),
+                "PostgreSQL at {url} is unreachable: {error}"
+            );
             eprintln!("skipping: PostgreSQL at {url} is unreachable: {error}");
             None
         }
@@ -67,8 +72,7 @@ impl TestDatabase {
     /// A fresh database for `backend`; `None` when PostgreSQL is skipped.
     pub async fn new(backend: Backend) -> Option<Self> {
         let data_dir = tempfile::tempdir().ok()?;
-        let mut settings = Settings::default();
-        settings.data_dir = data_dir.path().to_path_buf();
+        let mut settings = Settings { data_dir: data_dir.path().to_path_buf(), ..Settings::default() };
         settings.database.max_connections = 4;
         settings.config_service.poll_interval_ms = 50;
         settings.server.shutdown_grace_seconds = 5;
@@ -82,7 +86,11 @@ impl TestDatabase {
                 Some((url, schema))
             }
         };
-        Some(Self { settings, _data_dir: data_dir, postgres })
+        Some(Self {
+            settings,
+            _data_dir: data_dir,
+            postgres,
+        })
     }
 
     /// Drops the PostgreSQL schema (SQLite files go with the temp dir).
@@ -124,7 +132,9 @@ impl ConfigNode {
             let settings = settings.clone();
             let readiness = readiness.clone();
             let shutdown = shutdown.clone();
-            tokio::spawn(async move { agentmesh_config::serve(&settings, listener, readiness, shutdown).await })
+            tokio::spawn(async move {
+                agentmesh_config::serve(&settings, listener, readiness, shutdown).await
+            })
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while !readiness.is_ready() {
@@ -132,10 +142,18 @@ impl ConfigNode {
                 let outcome = task.await?;
                 anyhow::bail!("config service exited during start-up: {outcome:?}");
             }
-            anyhow::ensure!(tokio::time::Instant::now() < deadline, "config service not ready after 30 s");
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "config service not ready after 30 s"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok(Self { address, shutdown, readiness, task })
+        Ok(Self {
+            address,
+            shutdown,
+            readiness,
+            task,
+        })
     }
 
     /// `http://address`.

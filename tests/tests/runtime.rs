@@ -2,6 +2,8 @@
 //! service: health, reflection (v1 and v1alpha), request ids, metrics and
 //! the graceful shutdown sequence.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use agentmesh_proto::config as pb;
@@ -14,7 +16,9 @@ use tonic_health::pb::health_client::HealthClient;
 
 async fn health_of(channel: Channel, service: &str) -> anyhow::Result<i32> {
     let response = HealthClient::new(channel)
-        .check(HealthCheckRequest { service: service.to_owned() })
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
         .await?;
     Ok(response.into_inner().status)
 }
@@ -30,10 +34,18 @@ async fn health_reports_serving_for_server_and_service() -> anyhow::Result<()> {
     let db = sqlite().await?;
     let node = ConfigNode::start(&db.settings).await?;
     let channel = node.channel().await?;
-    assert_eq!(health_of(channel.clone(), "").await?, ServingStatus::Serving as i32);
-    assert_eq!(health_of(channel.clone(), pb::SERVICE_NAME).await?, ServingStatus::Serving as i32);
+    assert_eq!(
+        health_of(channel.clone(), "").await?,
+        ServingStatus::Serving as i32
+    );
+    assert_eq!(
+        health_of(channel.clone(), pb::SERVICE_NAME).await?,
+        ServingStatus::Serving as i32
+    );
     let unknown = health_of(channel, "agentmesh.cache.v1.CacheService").await;
-    let status = unknown.expect_err("unregistered service").downcast::<tonic::Status>()?;
+    let status = unknown
+        .expect_err("unregistered service")
+        .downcast::<tonic::Status>()?;
     assert_eq!(status.code(), tonic::Code::NotFound);
     node.stop().await
 }
@@ -47,18 +59,28 @@ async fn reflection_v1_and_v1alpha_list_only_served_services() -> anyhow::Result
 
     let request = v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
     };
     let mut responses = v1::server_reflection_client::ServerReflectionClient::new(channel.clone())
         .server_reflection_info(tokio_stream::iter([request]))
         .await?
         .into_inner();
     let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        responses.next().await.transpose()?.and_then(|response| response.message_response)
+        responses
+            .next()
+            .await
+            .transpose()?
+            .and_then(|response| response.message_response)
     else {
         anyhow::bail!("v1 reflection did not list services");
     };
-    let mut names: Vec<String> = list.service.into_iter().map(|service| service.name).collect();
+    let mut names: Vec<String> = list
+        .service
+        .into_iter()
+        .map(|service| service.name)
+        .collect();
     names.sort();
     assert_eq!(
         names,
@@ -74,16 +96,22 @@ async fn reflection_v1_and_v1alpha_list_only_served_services() -> anyhow::Result
     // config service's methods.
     let request = v1alpha::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
-            "agentmesh.config.v1.ConfigService".into(),
-        )),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "agentmesh.config.v1.ConfigService".into(),
+            ),
+        ),
     };
     let mut responses = v1alpha::server_reflection_client::ServerReflectionClient::new(channel)
         .server_reflection_info(tokio_stream::iter([request]))
         .await?
         .into_inner();
     let Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) =
-        responses.next().await.transpose()?.and_then(|response| response.message_response)
+        responses
+            .next()
+            .await
+            .transpose()?
+            .and_then(|response| response.message_response)
     else {
         anyhow::bail!("v1alpha reflection did not return the file");
     };
@@ -96,20 +124,48 @@ async fn request_id_is_echoed_or_generated() -> anyhow::Result<()> {
     let db = sqlite().await?;
     let node = ConfigNode::start(&db.settings).await?;
     let mut client = node.client().await?;
-    let mut request = tonic::Request::new(pb::GetRequest { scope: "global".into() });
-    request.metadata_mut().insert("x-request-id", "req-42".parse()?);
+    let mut request = tonic::Request::new(pb::GetRequest {
+        scope: "global".into(),
+    });
+    request
+        .metadata_mut()
+        .insert("x-request-id", "req-42".parse()?);
     let response = client.get(request).await?;
-    assert_eq!(response.metadata().get("x-request-id").map(|v| v.to_str()).transpose()?, Some("req-42"));
+    assert_eq!(
+        response
+            .metadata()
+            .get("x-request-id")
+            .map(|v| v.to_str())
+            .transpose()?,
+        Some("req-42")
+    );
 
-    let response = client.get(pb::GetRequest { scope: "global".into() }).await?;
-    let generated = response.metadata().get("x-request-id").map(|v| v.to_str()).transpose()?;
+    let response = client
+        .get(pb::GetRequest {
+            scope: "global".into(),
+        })
+        .await?;
+    let generated = response
+        .metadata()
+        .get("x-request-id")
+        .map(|v| v.to_str())
+        .transpose()?;
     assert!(generated.is_some_and(|id| id.len() >= 32), "{generated:?}");
 
     // Errors carry it too.
-    let mut bad = tonic::Request::new(pb::GetRequest { scope: "nope".into() });
+    let mut bad = tonic::Request::new(pb::GetRequest {
+        scope: "nope".into(),
+    });
     bad.metadata_mut().insert("x-request-id", "req-43".parse()?);
     let status = client.get(bad).await.expect_err("bad scope");
-    assert_eq!(status.metadata().get("x-request-id").map(|v| v.to_str()).transpose()?, Some("req-43"));
+    assert_eq!(
+        status
+            .metadata()
+            .get("x-request-id")
+            .map(|v| v.to_str())
+            .transpose()?,
+        Some("req-43")
+    );
     node.stop().await
 }
 
@@ -119,17 +175,40 @@ async fn metrics_count_calls_by_service_method_and_code() -> anyhow::Result<()> 
     let db = sqlite().await?;
     let node = ConfigNode::start(&db.settings).await?;
     let mut client = node.client().await?;
-    client.get_effective(pb::GetEffectiveRequest::default()).await?;
-    let _ = client.get(pb::GetRequest { scope: "bad scope".into() }).await;
+    client
+        .get_effective(pb::GetEffectiveRequest::default())
+        .await?;
+    let _ = client
+        .get(pb::GetRequest {
+            scope: "bad scope".into(),
+        })
+        .await;
     let text = agentmesh_telemetry::render_metrics();
-    let has = |needle: &[&str]| text.lines().any(|line| needle.iter().all(|part| line.contains(part)));
+    let has = |needle: &[&str]| {
+        text.lines()
+            .any(|line| needle.iter().all(|part| line.contains(part)))
+    };
     assert!(
-        has(&["grpc_server_handled_total{", "grpc_method=\"GetEffective\"", "grpc_code=\"OK\""]),
+        has(&[
+            "grpc_server_handled_total{",
+            "grpc_method=\"GetEffective\"",
+            "grpc_code=\"OK\""
+        ]),
         "{text}"
     );
-    assert!(has(&["grpc_server_handled_total{", "grpc_method=\"Get\"", "grpc_code=\"INVALID_ARGUMENT\""]), "{text}");
     assert!(
-        has(&["grpc_server_handling_seconds_bucket{", "grpc_service=\"agentmesh.config.v1.ConfigService\""]),
+        has(&[
+            "grpc_server_handled_total{",
+            "grpc_method=\"Get\"",
+            "grpc_code=\"INVALID_ARGUMENT\""
+        ]),
+        "{text}"
+    );
+    assert!(
+        has(&[
+            "grpc_server_handling_seconds_bucket{",
+            "grpc_service=\"agentmesh.config.v1.ConfigService\""
+        ]),
         "{text}"
     );
     node.stop().await
@@ -142,15 +221,24 @@ async fn shutdown_reports_not_serving_then_ends_watches() -> anyhow::Result<()> 
     settings.server.shutdown_delay_ms = 1500;
     let node = ConfigNode::start(&settings).await?;
     let mut client = node.client().await?;
-    let mut watch = client.watch(pb::WatchRequest::default()).await?.into_inner();
+    let mut watch = client
+        .watch(pb::WatchRequest::default())
+        .await?
+        .into_inner();
     watch.next().await.transpose()?;
 
     node.shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // A new connection, as a Kubernetes probe makes, sees NOT_SERVING.
     let probe = node.channel().await?;
-    assert_eq!(health_of(probe.clone(), "").await?, ServingStatus::NotServing as i32);
-    assert_eq!(health_of(probe, pb::SERVICE_NAME).await?, ServingStatus::NotServing as i32);
+    assert_eq!(
+        health_of(probe.clone(), "").await?,
+        ServingStatus::NotServing as i32
+    );
+    assert_eq!(
+        health_of(probe, pb::SERVICE_NAME).await?,
+        ServingStatus::NotServing as i32
+    );
     assert!(!node.readiness.is_ready());
     // Watchers are told to go elsewhere instead of holding the drain.
     let ended = tokio::time::timeout(Duration::from_secs(5), watch.next()).await?;

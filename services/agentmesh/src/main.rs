@@ -2,6 +2,8 @@
 //! <service>`, `migrate` and `bench`. Thin: it parses arguments, loads
 //! settings, starts telemetry and calls the service libraries.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 mod bench;
 mod cli;
 mod run;

@@ -12,6 +12,8 @@
 //! `config_service.poll_interval_ms`) and feeds what it finds to its
 //! watchers in revision order.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod error;
 pub mod grpc;
 pub mod migration;

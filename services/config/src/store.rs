@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::entity::prelude::*;
 use sea_orm::{
     ActiveValue, ConnectionTrait, DatabaseTransaction, DbBackend, QueryOrder, QuerySelect,
-    Statement, TransactionTrait,
+    Statement,
 };
 
 use crate::error::ConfigError;
@@ -164,7 +164,7 @@ impl Store {
 
     /// Begins a write transaction holding the cross-replica write lock.
     pub async fn begin_write(&self) -> Result<DatabaseTransaction, ConfigError> {
-        let transaction = self.database.writer().begin().await?;
+        let transaction = self.database.begin_write().await?;
         if self.database.backend() == DbBackend::Postgres {
             transaction
                 .execute_raw(Statement::from_string(

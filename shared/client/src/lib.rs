@@ -5,6 +5,8 @@
 //! - [`config_watcher`]: [`ConfigWatcher`], a live snapshot of the config
 //!   service's settings that survives the config service going away.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod channel;
 pub mod config_watcher;
 

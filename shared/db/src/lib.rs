@@ -4,11 +4,16 @@
 //! sea-orm-migration `Migrator` (with its own migration table) and applies it
 //! through [`Database::migrate`].
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 use std::time::Duration;
 
 use agentmesh_settings::Settings;
 use sea_orm::sqlx::sqlite::SqliteJournalMode;
-use sea_orm::{ConnectOptions, ConnectionTrait, DatabaseConnection, DbBackend, Statement};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend,
+    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,
+};
 use sea_orm_migration::MigratorTrait;
 
 pub use sea_orm;
@@ -77,6 +82,21 @@ impl Database {
     /// The read pool: the replica when configured, else the writer.
     pub fn reader(&self) -> &DatabaseConnection {
         self.reader.as_ref().unwrap_or(&self.writer)
+    }
+
+    /// Begins a transaction that will write. On SQLite it takes the write
+    /// lock up front (`BEGIN IMMEDIATE`), so it waits for another writer
+    /// (up to the busy timeout) instead of failing with "database is locked"
+    /// when a read inside it later upgrades to a write.
+    pub async fn begin_write(&self) -> Result<DatabaseTransaction, sea_orm::DbErr> {
+        let sqlite_transaction_mode =
+            (self.backend() == DbBackend::Sqlite).then_some(SqliteTransactionMode::Immediate);
+        self.writer
+            .begin_with_options(TransactionOptions {
+                sqlite_transaction_mode,
+                ..TransactionOptions::default()
+            })
+            .await
     }
 
     /// The SQL dialect of the writer.

@@ -4,6 +4,8 @@
 //! Each service has a short alias module (`agentmesh_proto::config`, …) with
 //! its messages, client and server, and its fully qualified service name.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
 /// The packages exactly as declared in `proto/`, so generated cross-package

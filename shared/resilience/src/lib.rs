@@ -4,6 +4,8 @@
 //! (Circuit breakers join here, behind a small trait over failsafe, with the
 //! first service that calls a dependency through one.)
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod backoff;
 pub mod status;
 

@@ -7,6 +7,8 @@
 //! drain. [`admin`] serves `/metrics`, `/healthz` and `/readyz`;
 //! [`shutdown`] turns SIGTERM/SIGINT into a cancellation token.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod admin;
 pub mod layers;
 pub mod server;

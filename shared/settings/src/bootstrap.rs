@@ -277,7 +277,13 @@ impl Settings {
                     .split("__"),
             );
         let settings: Settings = figment.extract().map_err(|error| {
-            LoadError::Parse(error.into_iter().map(|e| describe_figment_error(&e)).collect::<Vec<_>>().join("; "))
+            LoadError::Parse(
+                error
+                    .into_iter()
+                    .map(|e| describe_figment_error(&e))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
         })?;
         settings.validate().map_err(LoadError::Invalid)?;
         Ok(settings)
@@ -453,7 +459,11 @@ fn describe_figment_error(error: &figment::Error) -> String {
         })
         .unwrap_or_default();
     let kind = error.kind.to_string().replace('\n', " ");
-    if key.is_empty() { format!("{kind}{origin}") } else { format!("{key}: {kind}{origin}") }
+    if key.is_empty() {
+        format!("{kind}{origin}")
+    } else {
+        format!("{key}: {kind}{origin}")
+    }
 }
 
 /// Replaces the password of a URL (`scheme://user:password@host`) with `****`.

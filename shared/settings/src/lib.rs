@@ -8,6 +8,8 @@
 //!   service reads live (model, temperature, breaker, TTLs…), with their
 //!   validation rules, scopes and merge order.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod bootstrap;
 pub mod live;
 

@@ -468,7 +468,7 @@ pub fn merge(layers: &[Layer<'_>]) -> (Values, Vec<Source>) {
 }
 
 /// Typed, complete live settings, as services consume them.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LiveSettings {
     /// Agent execution defaults.
@@ -586,19 +586,6 @@ impl Default for BatchSettings {
 impl Default for LlmSettings {
     fn default() -> Self {
         Self { pool_size: 10 }
-    }
-}
-
-impl Default for LiveSettings {
-    fn default() -> Self {
-        Self {
-            agent: AgentSettings::default(),
-            breaker: BreakerSettings::default(),
-            cache: CacheSettings::default(),
-            retention: RetentionSettings::default(),
-            batch: BatchSettings::default(),
-            llm: LlmSettings::default(),
-        }
     }
 }
 

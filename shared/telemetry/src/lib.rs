@@ -4,6 +4,8 @@
 //! trace-context propagation for servers and clients, and the process-wide
 //! Prometheus registry.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod metrics_registry;
 pub mod propagation;
 

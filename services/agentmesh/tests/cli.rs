@@ -1,0 +1,316 @@
+//! The `agentmesh` binary as an operator runs it: settings errors, the
+//! admin endpoint, signals, and bench.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use agentmesh_proto::config as pb;
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use tonic_health::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_agentmesh");
+
+fn agentmesh(args: &[&str]) -> Command {
+    let mut command = Command::new(BINARY);
+    command.args(args);
+    for (name, _) in std::env::vars() {
+        // The test run's own settings must not leak into the binary.
+        if name.starts_with("AGENTMESH_")
+            || name.starts_with("DEFAULT_")
+            || name.starts_with("OTEL_")
+        {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+#[test]
+fn bad_env_value_exits_non_zero_with_one_line_naming_the_key() -> anyhow::Result<()> {
+    let data_dir = tempfile::tempdir()?;
+    let dir = data_dir.path().to_str().unwrap_or_default();
+    let cases = [
+        ("AGENTMESH_PORTS__CONFIG", "abc", "ports.config"),
+        (
+            "AGENTMESH_DEFAULTS__AGENT__TEMPERATURE",
+            "5",
+            "defaults.agent.temperature = 5: must be between 0 and 2",
+        ),
+        ("DEFAULT_TEMPERATURE", "-1", "defaults.agent.temperature"),
+        ("AGENTMESH_SERVER__HOSTX", "x", "server.hostx"),
+        ("AGENTMESH_DATABASE_URL", "mysql://db", "database_url"),
+    ];
+    for (name, value, expected) in cases {
+        let output = agentmesh(&["up", "--data-dir", dir])
+            .env(name, value)
+            .output()?;
+        assert_eq!(output.status.code(), Some(2), "{name}={value}");
+        let stderr = String::from_utf8(output.stderr)?;
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: {stderr}");
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("backtrace"),
+            "{stderr}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn dump_config_masks_secrets_and_honours_design_note_names() -> anyhow::Result<()> {
+    let output = agentmesh(&["up", "--dump-config"])
+        .env(
+            "AGENTMESH_DATABASE_URL",
+            "postgres://app:hunter2@db:5432/agentmesh",
+        )
+        .env("DEFAULT_LLM_MODEL", "llama3.1")
+        .env("DEFAULT_TEMPERATURE", "0.3")
+        .output()?;
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout)?;
+    assert!(
+        stdout.contains("postgres://app:****@db:5432/agentmesh"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("hunter2"));
+    assert!(stdout.contains("default_model = \"llama3.1\""), "{stdout}");
+    assert!(stdout.contains("temperature = 0.3"), "{stdout}");
+    Ok(())
+}
+
+/// A running `agentmesh up` with its addresses read from its JSON logs.
+struct Running {
+    child: Child,
+    grpc: String,
+    admin: String,
+}
+
+fn start_up(data_dir: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Running> {
+    let mut command = agentmesh(&[
+        "up",
+        "--data-dir",
+        data_dir,
+        "--config-port",
+        "0",
+        "--admin-port",
+        "0",
+        "--log-format",
+        "json",
+    ]);
+    command
+        .env("AGENTMESH_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null());
+    for (name, value) in extra_env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn()?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = sender.send(line);
+        }
+    });
+    let (mut grpc, mut admin) = (None, None);
+    while grpc.is_none() || admin.is_none() {
+        let line = receiver.recv_timeout(Duration::from_secs(30))?;
+        let json: serde_json::Value = serde_json::from_str(&line)?;
+        let message = json["fields"]["message"].as_str().unwrap_or_default();
+        let address = json["fields"]["address"].as_str().map(str::to_owned);
+        if message.starts_with("grpc server listening") {
+            grpc = address;
+        } else if message.starts_with("admin endpoint listening") {
+            admin = address;
+        }
+    }
+    // Keep draining logs so the child never blocks on a full pipe.
+    std::thread::spawn(move || while receiver.recv().is_ok() {});
+    Ok(Running {
+        child,
+        grpc: format!("http://{}", grpc.unwrap_or_default()),
+        admin: admin.unwrap_or_default(),
+    })
+}
+
+fn http_get(address: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+fn wait_for_exit(child: &mut Child, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("process did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_calls_finish_then_exits_zero() -> anyhow::Result<()> {
+    let data_dir = tempfile::tempdir()?;
+    let dir = data_dir.path().to_str().unwrap_or_default().to_owned();
+    let mut running = start_up(&dir, &[("AGENTMESH_SERVER__SHUTDOWN_DELAY_MS", "1500")])?;
+    let channel = tonic::transport::Channel::from_shared(running.grpc.clone())?
+        .connect()
+        .await?;
+    let mut client = pb::config_service_client::ConfigServiceClient::new(channel.clone());
+    let update = |temperature: f64| pb::UpdateRequest {
+        scope: "global".into(),
+        settings: Some(pb::Settings {
+            agent: Some(pb::AgentSettings {
+                temperature: Some(temperature),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        author: "cli-test".into(),
+        ..Default::default()
+    };
+    client.update(update(0.5)).await?;
+
+    let admin = running.admin.clone();
+    let metrics = tokio::task::spawn_blocking(move || http_get(&admin, "/metrics")).await??;
+    assert!(metrics.contains("grpc_server_handled_total{"), "{metrics}");
+    assert!(metrics.contains("grpc_method=\"Update\""), "{metrics}");
+    let admin = running.admin.clone();
+    let ready = tokio::task::spawn_blocking(move || http_get(&admin, "/readyz")).await??;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+
+    // Hold SQLite's write lock so the next Update stays in flight.
+    let database = sea_orm::Database::connect(format!("sqlite://{dir}/agentmesh.db")).await?;
+    database
+        .execute_raw(Statement::from_string(DbBackend::Sqlite, "BEGIN IMMEDIATE"))
+        .await?;
+    let in_flight = tokio::spawn({
+        let mut client = client.clone();
+        async move { client.update(update(0.6)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if in_flight.is_finished() {
+        anyhow::bail!(
+            "the update should be waiting for the lock: {:?}",
+            in_flight.await?
+        );
+    }
+
+    let pid = running.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?
+            .success()
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let probe = tonic::transport::Channel::from_shared(running.grpc.clone())?
+        .connect()
+        .await?;
+    let health = HealthClient::new(probe)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?;
+    assert_eq!(health.into_inner().status, ServingStatus::NotServing as i32);
+
+    database
+        .execute_raw(Statement::from_string(DbBackend::Sqlite, "ROLLBACK"))
+        .await?;
+    let finished = tokio::time::timeout(Duration::from_secs(15), in_flight).await???;
+    assert_eq!(
+        finished
+            .into_inner()
+            .revision
+            .map(|revision| revision.changed_fields),
+        Some(vec!["agent.temperature".to_owned()])
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        wait_for_exit(&mut running.child, Duration::from_secs(20))
+    })
+    .await??;
+    assert_eq!(status.code(), Some(0));
+    Ok(())
+}
+
+#[test]
+fn bench_reports_json_for_health_and_get_effective() -> anyhow::Result<()> {
+    let data_dir = tempfile::tempdir()?;
+    let mut running = start_up(data_dir.path().to_str().unwrap_or_default(), &[])?;
+    for rpc in ["health", "config.get-effective"] {
+        let output = agentmesh(&[
+            "bench",
+            "--target",
+            &running.grpc,
+            "--rpc",
+            rpc,
+            "-c",
+            "4",
+            "-n",
+            "200",
+            "--json",
+        ])
+        .output()?;
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        assert_eq!(report["rpc"], rpc);
+        assert_eq!(report["requests"], 200);
+        assert_eq!(report["concurrency"], 4);
+        assert!(report["rps"].as_f64().unwrap_or_default() > 0.0);
+        let latency = &report["latency_us"];
+        for key in ["p50", "p90", "p99", "p999", "max"] {
+            assert!(
+                latency[key].as_u64().unwrap_or_default() > 0,
+                "{key}: {report}"
+            );
+        }
+        assert!(latency["p50"].as_u64() <= latency["max"].as_u64());
+        assert_eq!(report["errors"], serde_json::json!({}));
+    }
+    // Errors are counted by code, and make the exit status non-zero.
+    let output = agentmesh(&[
+        "bench",
+        "--target",
+        &running.grpc,
+        "--rpc",
+        "config.get-effective",
+        "--agent-type",
+        "bad type!",
+        "-c",
+        "2",
+        "-n",
+        "10",
+        "--json",
+    ])
+    .output()?;
+    assert!(!output.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(report["errors"]["INVALID_ARGUMENT"], 10);
+    let _ = running.child.kill();
+    let _ = running.child.wait();
+    Ok(())
+}
