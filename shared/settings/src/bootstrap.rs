@@ -273,7 +273,7 @@ impl Settings {
             .merge(
                 Env::prefixed("AGENTMESH_")
                     .ignore(NON_SETTING_ENV_KEYS)
-                    .filter(|key| !key.as_str().starts_with("test_"))
+                    .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"))
                     .split("__"),
             );
         let settings: Settings = figment.extract().map_err(|error| {
