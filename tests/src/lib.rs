@@ -72,7 +72,10 @@ impl TestDatabase {
     /// A fresh database for `backend`; `None` when PostgreSQL is skipped.
     pub async fn new(backend: Backend) -> Option<Self> {
         let data_dir = tempfile::tempdir().ok()?;
-        let mut settings = Settings { data_dir: data_dir.path().to_path_buf(), ..Settings::default() };
+        let mut settings = Settings {
+            data_dir: data_dir.path().to_path_buf(),
+            ..Settings::default()
+        };
         settings.database.max_connections = 4;
         settings.config_service.poll_interval_ms = 50;
         settings.server.shutdown_grace_seconds = 5;

@@ -89,6 +89,22 @@ struct Running {
     child: Child,
     grpc: String,
     admin: String,
+    logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Running {
+    /// Log lines (JSON) seen so far.
+    fn log_lines(&self) -> Vec<serde_json::Value> {
+        let lines = self
+            .logs
+            .lock()
+            .map(|lines| lines.clone())
+            .unwrap_or_default();
+        lines
+            .iter()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
 }
 
 fn start_up(data_dir: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Running> {
@@ -134,11 +150,20 @@ fn start_up(data_dir: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Runnin
         }
     }
     // Keep draining logs so the child never blocks on a full pipe.
-    std::thread::spawn(move || while receiver.recv().is_ok() {});
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = std::sync::Arc::clone(&logs);
+    std::thread::spawn(move || {
+        while let Ok(line) = receiver.recv() {
+            if let Ok(mut lines) = sink.lock() {
+                lines.push(line);
+            }
+        }
+    });
     Ok(Running {
         child,
         grpc: format!("http://{}", grpc.unwrap_or_default()),
         admin: admin.unwrap_or_default(),
+        logs,
     })
 }
 
@@ -310,6 +335,61 @@ fn bench_reports_json_for_health_and_get_effective() -> anyhow::Result<()> {
     assert!(!output.status.success());
     let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
     assert_eq!(report["errors"]["INVALID_ARGUMENT"], 10);
+    let _ = running.child.kill();
+    let _ = running.child.wait();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incoming_traceparent_and_request_id_name_every_log_line_of_the_call() -> anyhow::Result<()>
+{
+    let data_dir = tempfile::tempdir()?;
+    let mut running = start_up(data_dir.path().to_str().unwrap_or_default(), &[])?;
+    let channel = tonic::transport::Channel::from_shared(running.grpc.clone())?
+        .connect()
+        .await?;
+    let mut client = pb::config_service_client::ConfigServiceClient::new(channel);
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request = tonic::Request::new(pb::UpdateRequest {
+        scope: "agent/coder".into(),
+        settings: Some(pb::Settings {
+            agent: Some(pb::AgentSettings {
+                max_tokens: Some(77),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        author: "trace-test".into(),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01").parse()?,
+    );
+    request
+        .metadata_mut()
+        .insert("x-request-id", "trace-req-1".parse()?);
+    client.update(request).await?;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let found = running.log_lines().into_iter().find(|line| {
+            line["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("config revision written"))
+        });
+        if let Some(line) = found {
+            break line;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no log line for the update"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(line["span"]["trace_id"], trace_id, "{line}");
+    assert_eq!(line["span"]["request_id"], "trace-req-1", "{line}");
+    assert_eq!(line["span"]["rpc.method"], "Update", "{line}");
     let _ = running.child.kill();
     let _ = running.child.wait();
     Ok(())

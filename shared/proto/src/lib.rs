@@ -5,7 +5,6 @@
 //! its messages, client and server, and its fully qualified service name.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
-
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
 /// The packages exactly as declared in `proto/`, so generated cross-package

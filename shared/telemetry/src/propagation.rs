@@ -87,3 +87,52 @@ impl tonic::service::Interceptor for TraceContextInterceptor {
         Ok(request)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::TracerProvider as _;
+    use tonic::service::Interceptor;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    #[test]
+    fn client_interceptor_continues_the_incoming_trace() {
+        crate::install_propagator();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                "traceparent",
+                http::HeaderValue::from_static(
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+            );
+            let span = tracing::info_span!("server", trace_id = tracing::field::Empty);
+            attach_remote_parent(&span, &headers);
+            let _entered = span.enter();
+            assert_eq!(
+                current_trace_id().as_deref(),
+                Some("4bf92f3577b34da6a3ce929d0e0e4736")
+            );
+
+            let outgoing = TraceContextInterceptor
+                .call(tonic::Request::new(()))
+                .unwrap();
+            let traceparent = outgoing
+                .metadata()
+                .get("traceparent")
+                .unwrap()
+                .to_str()
+                .unwrap();
+            assert!(
+                traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+                "{traceparent}"
+            );
+            // A new span id: the outgoing call is a child, not the caller.
+            assert!(!traceparent.contains("00f067aa0ba902b7"), "{traceparent}");
+        });
+    }
+}
