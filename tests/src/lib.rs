@@ -76,7 +76,9 @@ impl TestDatabase {
             data_dir: data_dir.path().to_path_buf(),
             ..Settings::default()
         };
-        settings.database.max_connections = 4;
+        // PostgreSQL allows 100 connections for everything on the machine.
+        settings.database.max_connections = 3;
+        settings.database.read_max_connections = 2;
         settings.config_service.poll_interval_ms = 50;
         settings.server.shutdown_grace_seconds = 5;
         let postgres = match backend {
@@ -85,6 +87,8 @@ impl TestDatabase {
                 let url = postgres_url().await?;
                 let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
                 settings.database_url = Some(url.clone());
+                // The same database as "replica", so the read-pool path runs.
+                settings.read_database_url = Some(url.clone());
                 settings.database.schema = Some(schema.clone());
                 Some((url, schema))
             }

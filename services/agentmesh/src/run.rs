@@ -36,7 +36,13 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
         print!("{}", settings.dump());
         return ExitCode::SUCCESS;
     }
-    let _telemetry = match agentmesh_telemetry::init("agentmesh", settings.telemetry.log_format) {
+    let service_name = match &command {
+        Command::Serve { service, .. } => {
+            format!("agentmesh-{}", format!("{service:?}").to_lowercase())
+        }
+        _ => "agentmesh".to_owned(),
+    };
+    let _telemetry = match agentmesh_telemetry::init(&service_name, settings.telemetry.log_format) {
         Ok(guard) => guard,
         Err(error) => {
             eprintln!("agentmesh: {error}");

@@ -38,6 +38,8 @@ pub fn make_grpc_span<B>(request: &http::Request<B>) -> tracing::Span {
         rpc.method = %method,
         request_id = %request_id,
         trace_id = tracing::field::Empty,
+        rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
     );
     attach_remote_parent(&span, request.headers());
     span
@@ -99,8 +101,17 @@ impl CallRecord {
         metrics::counter!("grpc_server_handled_total", "grpc_service" => service.clone(), "grpc_method" => method.clone(), "grpc_code" => code_label).increment(1);
         metrics::histogram!("grpc_server_handling_seconds", "grpc_service" => service, "grpc_method" => method, "grpc_code" => code_label).record(elapsed.as_secs_f64());
         let latency_us = elapsed.as_micros() as u64;
+        let span = tracing::Span::current();
+        span.record("rpc.grpc.status_code", code as i32);
         match code {
-            Code::Unknown | Code::Internal | Code::DataLoss | Code::Unimplemented => {
+            Code::Unknown
+            | Code::Internal
+            | Code::DataLoss
+            | Code::Unimplemented
+            | Code::Unavailable => {
+                // Server-side faults mark the span as an error in Jaeger;
+                // a caller's mistake (INVALID_ARGUMENT…) does not.
+                span.record("otel.status_code", "ERROR");
                 tracing::warn!(grpc_code = code_label, latency_us, "grpc call failed")
             }
             _ => tracing::debug!(grpc_code = code_label, latency_us, "grpc call done"),

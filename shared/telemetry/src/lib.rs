@@ -102,9 +102,12 @@ pub fn init(service_name: &str, format: LogFormat) -> Result<TelemetryGuard, Tel
         reason: error.to_string(),
     })?;
 
-    let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name(service_name.to_owned())
-        .build();
+    // OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win over our default name.
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(service_name.to_owned());
+    }
+    let resource = resource.build();
     let mut provider_builder = SdkTracerProvider::builder().with_resource(resource);
     if otlp_endpoint_configured() {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
