@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use agentmesh_db::Database;
 use agentmesh_resilience::FieldViolation;
-use agentmesh_settings::live::{self, Layer, Source, Values};
+use agentmesh_settings::live::{self, Source, Values};
 use agentmesh_settings::{LiveSettings, Scope, Settings};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -239,24 +239,11 @@ impl ConfigCore {
         project_id: Option<&str>,
     ) -> (Values, Vec<Source>, u64) {
         let view = self.snapshot();
-        let scopes = [
-            Some(Scope::Global),
-            agent_type.map(|name| Scope::Agent(name.to_owned())),
-            project_id.map(|name| Scope::Project(name.to_owned())),
-        ];
-        let layers: Vec<Layer<'_>> = scopes
-            .iter()
-            .flatten()
-            .filter_map(|scope| {
-                let (scope_key, state) = view.scopes.get_key_value(scope)?;
-                Some(Layer {
-                    scope: scope_key,
-                    revision: state.revision,
-                    values: &state.values,
-                })
-            })
-            .collect();
-        let (values, sources) = live::merge(&layers);
+        let (values, sources) = live::merge_for(agent_type, project_id, |scope| {
+            view.scopes
+                .get(scope)
+                .map(|state| (state.revision, &state.values))
+        });
         (values, sources, view.revision)
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use agentmesh_proto::config as pb;
 use agentmesh_proto::config::config_service_client::ConfigServiceClient;
 use agentmesh_resilience::Backoff;
-use agentmesh_settings::live::{self, Layer, Values};
+use agentmesh_settings::live::{self, Values};
 use agentmesh_settings::{LiveSettings, Scope};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -32,24 +32,12 @@ pub struct ConfigSnapshot {
 impl ConfigSnapshot {
     /// Merged settings global < agent < project, over built-in defaults.
     pub fn effective(&self, agent_type: Option<&str>, project_id: Option<&str>) -> LiveSettings {
-        let scopes = [
-            Some(Scope::Global),
-            agent_type.map(|name| Scope::Agent(name.to_owned())),
-            project_id.map(|name| Scope::Project(name.to_owned())),
-        ];
-        let layers: Vec<Layer<'_>> = scopes
-            .iter()
-            .flatten()
-            .filter_map(|scope| {
-                let (scope_key, (revision, values)) = self.scopes.get_key_value(scope)?;
-                Some(Layer {
-                    scope: scope_key,
-                    revision: *revision,
-                    values,
-                })
-            })
-            .collect();
-        LiveSettings::from_values(&live::merge(&layers).0)
+        let (values, _) = live::merge_for(agent_type, project_id, |scope| {
+            self.scopes
+                .get(scope)
+                .map(|(revision, values)| (*revision, values))
+        });
+        LiveSettings::from_values(&values)
     }
 }
 

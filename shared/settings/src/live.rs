@@ -430,7 +430,7 @@ pub struct Source {
 /// One scope's values as input to [`merge`].
 pub struct Layer<'a> {
     /// The scope.
-    pub scope: &'a Scope,
+    pub scope: Scope,
     /// The revision that last changed the scope.
     pub revision: u64,
     /// The scope's values.
@@ -465,6 +465,34 @@ pub fn merge(layers: &[Layer<'_>]) -> (Values, Vec<Source>) {
         })
         .collect();
     (merged, sources)
+}
+
+/// Merges the scopes that apply to an agent type and/or project — global,
+/// then `agent/<agent_type>`, then `project/<project_id>` — looking each up
+/// with `lookup` (revision and values, or `None` if never written).
+pub fn merge_for<'a>(
+    agent_type: Option<&str>,
+    project_id: Option<&str>,
+    lookup: impl Fn(&Scope) -> Option<(u64, &'a Values)>,
+) -> (Values, Vec<Source>) {
+    let scopes = [
+        Some(Scope::Global),
+        agent_type.map(|name| Scope::Agent(name.to_owned())),
+        project_id.map(|name| Scope::Project(name.to_owned())),
+    ];
+    let layers: Vec<Layer<'a>> = scopes
+        .into_iter()
+        .flatten()
+        .filter_map(|scope| {
+            let (revision, values) = lookup(&scope)?;
+            Some(Layer {
+                scope,
+                revision,
+                values,
+            })
+        })
+        .collect();
+    merge(&layers)
 }
 
 /// Typed, complete live settings, as services consume them.
@@ -723,24 +751,19 @@ mod tests {
         agent.set(field("agent.max_tokens").unwrap(), Value::Int(10));
         let mut project = Values::default();
         project.set(field("agent.temperature").unwrap(), Value::Float(0.2));
-        let (global_scope, agent_scope, project_scope) = (
-            Scope::Global,
-            Scope::Agent("coder".into()),
-            Scope::Project("p".into()),
-        );
         let (merged, sources) = merge(&[
             Layer {
-                scope: &global_scope,
+                scope: Scope::Global,
                 revision: 1,
                 values: &global,
             },
             Layer {
-                scope: &agent_scope,
+                scope: Scope::Agent("coder".into()),
                 revision: 2,
                 values: &agent,
             },
             Layer {
-                scope: &project_scope,
+                scope: Scope::Project("p".into()),
                 revision: 3,
                 values: &project,
             },
