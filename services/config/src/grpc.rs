@@ -1,8 +1,9 @@
 //! The `agentmesh.config.v1.ConfigService` implementation: converts and
 //! validates wire requests, calls [`ConfigCore`], converts results back.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use agentmesh_proto::config as pb;
 use agentmesh_resilience::{FieldViolation, invalid_argument};
@@ -28,15 +29,73 @@ const MAX_REASON_BYTES: usize = 1024;
 /// Most `clear_fields` entries.
 const MAX_CLEAR_FIELDS: usize = 64;
 
+/// Distinct (agent type, project) responses remembered per revision.
+const EFFECTIVE_CACHE_ENTRIES: usize = 4096;
+
+/// `GetEffective` responses of the current head revision, by (agent type,
+/// project): the hot read of every service, so merge and conversion run
+/// once per revision instead of once per call.
+#[derive(Default)]
+struct EffectiveCache {
+    revision: u64,
+    responses: HashMap<(String, String), pb::GetEffectiveResponse>,
+}
+
 /// The gRPC face of [`ConfigCore`].
 pub struct ConfigGrpc {
     core: Arc<ConfigCore>,
+    effective_cache: Mutex<EffectiveCache>,
 }
 
 impl ConfigGrpc {
     /// Wraps the core.
     pub fn new(core: Arc<ConfigCore>) -> Self {
-        Self { core }
+        Self {
+            core,
+            effective_cache: Mutex::new(EffectiveCache::default()),
+        }
+    }
+
+    fn effective_response(
+        &self,
+        agent_type: Option<&str>,
+        project_id: Option<&str>,
+    ) -> pb::GetEffectiveResponse {
+        let key = (
+            agent_type.unwrap_or_default().to_owned(),
+            project_id.unwrap_or_default().to_owned(),
+        );
+        let head = self.core.snapshot().revision;
+        if let Ok(cache) = self.effective_cache.lock()
+            && cache.revision == head
+            && let Some(response) = cache.responses.get(&key)
+        {
+            return response.clone();
+        }
+        let (values, sources, revision) = self.core.effective(agent_type, project_id);
+        let response = pb::GetEffectiveResponse {
+            settings: Some(values.to_proto()),
+            sources: sources
+                .into_iter()
+                .map(|source| pb::ValueSource {
+                    field: source.field.to_owned(),
+                    scope: source.scope,
+                    revision: source.revision,
+                })
+                .collect(),
+            head_revision: revision,
+        };
+        if let Ok(mut cache) = self.effective_cache.lock() {
+            if cache.revision != revision {
+                cache.revision = revision;
+                cache.responses.clear();
+            }
+            if cache.responses.len() >= EFFECTIVE_CACHE_ENTRIES {
+                cache.responses.clear();
+            }
+            cache.responses.insert(key, response.clone());
+        }
+        response
     }
 }
 
@@ -239,21 +298,10 @@ impl pb::config_service_server::ConfigService for ConfigGrpc {
         let agent_type = check_optional_name("agent_type", &request.agent_type, &mut violations);
         let project_id = check_optional_name("project_id", &request.project_id, &mut violations);
         reject_if_any(violations)?;
-        let (values, sources, head) = self
-            .core
-            .effective(agent_type.as_deref(), project_id.as_deref());
-        Ok(Response::new(pb::GetEffectiveResponse {
-            settings: Some(values.to_proto()),
-            sources: sources
-                .into_iter()
-                .map(|source| pb::ValueSource {
-                    field: source.field.to_owned(),
-                    scope: source.scope,
-                    revision: source.revision,
-                })
-                .collect(),
-            head_revision: head,
-        }))
+        Ok(Response::new(self.effective_response(
+            agent_type.as_deref(),
+            project_id.as_deref(),
+        )))
     }
 
     async fn update(
