@@ -28,6 +28,9 @@ pub struct Settings {
     pub database_url: Option<String>,
     /// Read replica; reads go to the writer when unset.
     pub read_database_url: Option<String>,
+    /// Redis for the cache service's L2 (`redis://…` or `rediss://…`); the
+    /// cache runs L1-only when unset.
+    pub redis_url: Option<String>,
     /// Addresses and limits of the gRPC listeners.
     pub server: ServerSettings,
     /// Listening ports of each service and of the admin HTTP endpoint.
@@ -38,6 +41,8 @@ pub struct Settings {
     pub endpoints: EndpointSettings,
     /// The config service's own behaviour.
     pub config_service: ConfigServiceSettings,
+    /// The cache service's own behaviour.
+    pub cache: CacheServiceSettings,
     /// Log output.
     pub telemetry: TelemetrySettings,
     /// Values seeded into the `global` scope on the config service's first
@@ -116,6 +121,40 @@ pub struct ConfigServiceSettings {
     pub max_watchers: usize,
 }
 
+/// Behaviour of the cache service.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheServiceSettings {
+    /// Redis connections in the L2 pool.
+    pub pool_size: u32,
+    /// Bytes (keys + values + attributes) the in-process L1 may hold; 0
+    /// disables L1, so every read goes to L2.
+    pub l1_max_bytes: u64,
+    /// Largest value accepted by `Set`, in bytes; at most
+    /// `server.max_message_bytes`.
+    pub max_value_bytes: usize,
+    /// Longest key, in bytes.
+    pub max_key_bytes: usize,
+    /// Lease lifetime when `GetOrLease` gives none, in milliseconds.
+    pub lease_timeout_ms: u64,
+    /// How long `GetOrLease` waits for another holder when the call gives
+    /// no `max_wait`, in milliseconds.
+    pub max_wait_ms: u64,
+    /// Prefix of every Redis key and of the pub/sub channel, so several
+    /// deployments can share one Redis.
+    pub key_prefix: String,
+    /// Time limit of one Redis operation (including taking a pooled
+    /// connection), in milliseconds; beyond it the read counts as a miss.
+    pub redis_timeout_ms: u64,
+    /// Consecutive Redis failures that open the breaker.
+    pub breaker_failure_threshold: u32,
+    /// How long the open breaker skips Redis before probing it again, in
+    /// milliseconds.
+    pub breaker_reset_ms: u64,
+    /// Keys removed per SCAN/SSCAN + UNLINK round trip by `Invalidate`.
+    pub invalidate_batch: u32,
+}
+
 /// Log format.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -142,11 +181,13 @@ impl Default for Settings {
             data_dir: PathBuf::from("./.agentmesh"),
             database_url: None,
             read_database_url: None,
+            redis_url: None,
             server: ServerSettings::default(),
             ports: PortSettings::default(),
             database: DatabaseSettings::default(),
             endpoints: EndpointSettings::default(),
             config_service: ConfigServiceSettings::default(),
+            cache: CacheServiceSettings::default(),
             telemetry: TelemetrySettings::default(),
             defaults: LiveSettings::default(),
         }
@@ -203,6 +244,24 @@ impl Default for ConfigServiceSettings {
             poll_interval_ms: 250,
             watch_buffer: 256,
             max_watchers: 10_000,
+        }
+    }
+}
+
+impl Default for CacheServiceSettings {
+    fn default() -> Self {
+        Self {
+            pool_size: 16,
+            l1_max_bytes: 256 * 1024 * 1024,
+            max_value_bytes: 4 * 1024 * 1024,
+            max_key_bytes: 512,
+            lease_timeout_ms: 30_000,
+            max_wait_ms: 5_000,
+            key_prefix: "agentmesh:cache:".to_owned(),
+            redis_timeout_ms: 250,
+            breaker_failure_threshold: 5,
+            breaker_reset_ms: 1_000,
+            invalidate_batch: 500,
         }
     }
 }
@@ -408,6 +467,84 @@ impl Settings {
             self.config_service.max_watchers.to_string(),
             "must be between 1 and 1000000",
         );
+        if let Some(url) = &self.redis_url {
+            check(
+                url.starts_with("redis://") || url.starts_with("rediss://"),
+                "redis_url",
+                mask_url(url),
+                "must start with redis:// or rediss://",
+            );
+        }
+        let cache = &self.cache;
+        check(
+            (1..=1024).contains(&cache.pool_size),
+            "cache.pool_size",
+            cache.pool_size.to_string(),
+            "must be between 1 and 1024",
+        );
+        check(
+            cache.l1_max_bytes <= 1 << 40,
+            "cache.l1_max_bytes",
+            cache.l1_max_bytes.to_string(),
+            "must be at most 1099511627776",
+        );
+        check(
+            (1..=self.server.max_message_bytes).contains(&cache.max_value_bytes),
+            "cache.max_value_bytes",
+            cache.max_value_bytes.to_string(),
+            &format!(
+                "must be between 1 and server.max_message_bytes ({})",
+                self.server.max_message_bytes
+            ),
+        );
+        check(
+            (1..=8192).contains(&cache.max_key_bytes),
+            "cache.max_key_bytes",
+            cache.max_key_bytes.to_string(),
+            "must be between 1 and 8192",
+        );
+        check(
+            (1_000..=300_000).contains(&cache.lease_timeout_ms),
+            "cache.lease_timeout_ms",
+            cache.lease_timeout_ms.to_string(),
+            "must be between 1000 and 300000",
+        );
+        check(
+            cache.max_wait_ms <= 30_000,
+            "cache.max_wait_ms",
+            cache.max_wait_ms.to_string(),
+            "must be at most 30000",
+        );
+        check(
+            cache.key_prefix.len() <= 64 && !cache.key_prefix.chars().any(|c| c.is_whitespace() || "*?[]\\".contains(c)),
+            "cache.key_prefix",
+            format!("{:?}", cache.key_prefix),
+            "must be at most 64 bytes with no whitespace or glob characters (*?[]\\)",
+        );
+        check(
+            (1..=60_000).contains(&cache.redis_timeout_ms),
+            "cache.redis_timeout_ms",
+            cache.redis_timeout_ms.to_string(),
+            "must be between 1 and 60000",
+        );
+        check(
+            (1..=10_000).contains(&cache.breaker_failure_threshold),
+            "cache.breaker_failure_threshold",
+            cache.breaker_failure_threshold.to_string(),
+            "must be between 1 and 10000",
+        );
+        check(
+            (10..=600_000).contains(&cache.breaker_reset_ms),
+            "cache.breaker_reset_ms",
+            cache.breaker_reset_ms.to_string(),
+            "must be between 10 and 600000",
+        );
+        check(
+            (1..=100_000).contains(&cache.invalidate_batch),
+            "cache.invalidate_batch",
+            cache.invalidate_batch.to_string(),
+            "must be between 1 and 100000",
+        );
         for violation in self.defaults.to_values().validate() {
             violations.push(Violation {
                 key: format!("defaults.{}", violation.field),
@@ -438,6 +575,7 @@ impl Settings {
         let mut masked = self.clone();
         masked.database_url = masked.database_url.as_deref().map(mask_url);
         masked.read_database_url = masked.read_database_url.as_deref().map(mask_url);
+        masked.redis_url = masked.redis_url.as_deref().map(mask_url);
         toml::to_string_pretty(&masked)
             .unwrap_or_else(|error| format!("# cannot render settings: {error}\n"))
     }
@@ -521,14 +659,15 @@ mod tests {
             [
                 "server.max_message_bytes",
                 "database.max_connections",
+                "cache.max_value_bytes",
                 "defaults.agent.temperature"
             ]
         );
-        assert_eq!(violations[2].value, "3.5");
+        assert_eq!(violations[3].value, "3.5");
         assert!(
-            violations[2].rule.contains("between 0 and 2"),
+            violations[3].rule.contains("between 0 and 2"),
             "{}",
-            violations[2].rule
+            violations[3].rule
         );
     }
 
@@ -565,10 +704,35 @@ mod tests {
     fn dump_masks_secrets() {
         let settings = Settings {
             database_url: Some("postgres://u:pw@h/db".into()),
+            redis_url: Some("redis://default:redispw@r:6379/0".into()),
             ..Settings::default()
         };
         let dumped = settings.dump();
         assert!(dumped.contains("u:****@h"), "{dumped}");
+        assert!(dumped.contains("default:****@r:6379"), "{dumped}");
         assert!(!dumped.contains("pw"), "{dumped}");
+    }
+
+    #[test]
+    fn cache_section_rules() {
+        let mut settings = Settings::default();
+        settings.redis_url = Some("http://r".into());
+        settings.cache.pool_size = 0;
+        settings.cache.max_value_bytes = settings.server.max_message_bytes + 1;
+        settings.cache.key_prefix = "a*b".into();
+        settings.cache.lease_timeout_ms = 10;
+        let violations = settings.validate().unwrap_err();
+        let keys: Vec<_> = violations.iter().map(|v| v.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "redis_url",
+                "cache.pool_size",
+                "cache.max_value_bytes",
+                "cache.lease_timeout_ms",
+                "cache.key_prefix"
+            ]
+        );
+        assert!(violations[2].rule.contains("server.max_message_bytes"));
     }
 }

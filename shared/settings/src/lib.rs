@@ -13,5 +13,5 @@
 pub mod bootstrap;
 pub mod live;
 
-pub use bootstrap::{LoadError, LogFormat, Settings, Violation};
+pub use bootstrap::{CacheServiceSettings, LoadError, LogFormat, Settings, Violation};
 pub use live::{LiveSettings, Scope};
