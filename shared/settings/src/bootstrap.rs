@@ -516,7 +516,11 @@ impl Settings {
             "must be at most 30000",
         );
         check(
-            cache.key_prefix.len() <= 64 && !cache.key_prefix.chars().any(|c| c.is_whitespace() || "*?[]\\".contains(c)),
+            cache.key_prefix.len() <= 64
+                && !cache
+                    .key_prefix
+                    .chars()
+                    .any(|c| c.is_whitespace() || "*?[]\\".contains(c)),
             "cache.key_prefix",
             format!("{:?}", cache.key_prefix),
             "must be at most 64 bytes with no whitespace or glob characters (*?[]\\)",
@@ -715,8 +719,10 @@ mod tests {
 
     #[test]
     fn cache_section_rules() {
-        let mut settings = Settings::default();
-        settings.redis_url = Some("http://r".into());
+        let mut settings = Settings {
+            redis_url: Some("http://r".into()),
+            ..Settings::default()
+        };
         settings.cache.pool_size = 0;
         settings.cache.max_value_bytes = settings.server.max_message_bytes + 1;
         settings.cache.key_prefix = "a*b".into();
