@@ -8,6 +8,8 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod cache;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -29,7 +31,7 @@ pub enum Backend {
     Postgres,
 }
 
-fn require_services() -> bool {
+pub(crate) fn require_services() -> bool {
     std::env::var("AGENTMESH_TEST_REQUIRE_SERVICES").is_ok_and(|value| value == "1")
 }
 

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use agentmesh_proto::cache as cache_pb;
+use agentmesh_proto::cache::cache_service_client::CacheServiceClient;
 use agentmesh_proto::config::GetEffectiveRequest;
 use agentmesh_proto::config::config_service_client::ConfigServiceClient;
 use clap::{Args, ValueEnum};
@@ -44,6 +46,14 @@ pub struct BenchArgs {
     /// Project id for config.get-effective.
     #[arg(long, default_value = "")]
     pub project_id: String,
+    /// For cache.get: the level every read must hit (set up before the run;
+    /// `l2` needs a cache server with cache.l1_max_bytes = 0). A read
+    /// answered by another level counts as a WRONG_HIT_LEVEL error.
+    #[arg(long, value_enum, default_value = "l1")]
+    pub hit: HitArg,
+    /// Value size for cache.get and cache.set, in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub value_bytes: usize,
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -57,13 +67,39 @@ pub enum BenchRpc {
     /// agentmesh.config.v1.ConfigService/GetEffective.
     #[value(name = "config.get-effective")]
     ConfigGetEffective,
+    /// agentmesh.cache.v1.CacheService/Get (see --hit).
+    #[value(name = "cache.get")]
+    CacheGet,
+    /// agentmesh.cache.v1.CacheService/Set.
+    #[value(name = "cache.set")]
+    CacheSet,
 }
+
+/// Which level cache.get reads must hit.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum HitArg {
+    /// The server's in-memory L1.
+    L1,
+    /// Redis (server with cache.l1_max_bytes = 0).
+    L2,
+    /// Neither: the key is never written.
+    Miss,
+}
+
+/// Namespace the cache bench writes in.
+const BENCH_NAMESPACE: &str = "bench";
+/// Key cache.get reads for --hit l1|l2.
+const BENCH_KEY: &str = "bench:get";
+/// TTL of bench entries.
+const BENCH_TTL_SECONDS: i64 = 3600;
 
 impl BenchRpc {
     fn name(self) -> &'static str {
         match self {
             BenchRpc::Health => "health",
             BenchRpc::ConfigGetEffective => "config.get-effective",
+            BenchRpc::CacheGet => "cache.get",
+            BenchRpc::CacheSet => "cache.set",
         }
     }
 }
@@ -108,7 +144,82 @@ struct WorkerResult {
     errors: BTreeMap<&'static str, u64>,
 }
 
-async fn call(rpc: BenchRpc, channel: &Channel, args: &BenchArgs) -> Result<(), Code> {
+fn bench_value(args: &BenchArgs) -> Vec<u8> {
+    vec![b'v'; args.value_bytes]
+}
+
+/// Writes the key cache.get reads (for --hit l1|l2) before the run.
+async fn prepare(channel: &Channel, args: &BenchArgs) -> Result<(), String> {
+    if !matches!(args.rpc, BenchRpc::CacheGet) || args.hit == HitArg::Miss {
+        return Ok(());
+    }
+    CacheServiceClient::new(channel.clone())
+        .set(cache_pb::SetRequest {
+            namespace: BENCH_NAMESPACE.to_owned(),
+            key: BENCH_KEY.to_owned(),
+            value: bench_value(args),
+            ttl: Some(prost_types::Duration {
+                seconds: BENCH_TTL_SECONDS,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+        .map_err(|status| format!("cannot write the bench key: {status}"))
+}
+
+async fn call(
+    rpc: BenchRpc,
+    channel: &Channel,
+    args: &BenchArgs,
+    worker_index: u32,
+) -> Result<(), &'static str> {
+    let code_name = |status: tonic::Status| agentmesh_telemetry::code_name(status.code());
+    match rpc {
+        BenchRpc::CacheGet => {
+            let (key, expected) = match args.hit {
+                HitArg::L1 => (BENCH_KEY.to_owned(), cache_pb::HitLevel::L1),
+                HitArg::L2 => (BENCH_KEY.to_owned(), cache_pb::HitLevel::L2),
+                HitArg::Miss => (
+                    format!("bench:missing:{worker_index}"),
+                    cache_pb::HitLevel::Miss,
+                ),
+            };
+            let response = CacheServiceClient::new(channel.clone())
+                .get(cache_pb::GetRequest {
+                    namespace: BENCH_NAMESPACE.to_owned(),
+                    key,
+                })
+                .await
+                .map_err(code_name)?;
+            if response.get_ref().hit_level == expected as i32 {
+                Ok(())
+            } else {
+                Err("WRONG_HIT_LEVEL")
+            }
+        }
+        BenchRpc::CacheSet => CacheServiceClient::new(channel.clone())
+            .set(cache_pb::SetRequest {
+                namespace: BENCH_NAMESPACE.to_owned(),
+                key: format!("bench:set:{worker_index}"),
+                value: bench_value(args),
+                ttl: Some(prost_types::Duration {
+                    seconds: BENCH_TTL_SECONDS,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(code_name),
+        BenchRpc::Health | BenchRpc::ConfigGetEffective => legacy_call(rpc, channel, args)
+            .await
+            .map_err(agentmesh_telemetry::code_name),
+    }
+}
+
+async fn legacy_call(rpc: BenchRpc, channel: &Channel, args: &BenchArgs) -> Result<(), Code> {
     match rpc {
         BenchRpc::Health => HealthClient::new(channel.clone())
             .check(HealthCheckRequest {
@@ -125,10 +236,12 @@ async fn call(rpc: BenchRpc, channel: &Channel, args: &BenchArgs) -> Result<(), 
             .await
             .map(|_| ())
             .map_err(|status| status.code()),
+        BenchRpc::CacheGet | BenchRpc::CacheSet => Ok(()),
     }
 }
 
 async fn worker(
+    worker_index: u32,
     channel: Channel,
     args: Arc<BenchArgs>,
     limit: Limit,
@@ -143,15 +256,13 @@ async fn worker(
             _ => {}
         }
         let started = Instant::now();
-        let outcome = call(args.rpc, &channel, &args).await;
+        let outcome = call(args.rpc, &channel, &args, worker_index).await;
         let micros = started.elapsed().as_micros().max(1) as u64;
         histogram.saturating_record(micros);
         shared.completed.fetch_add(1, Ordering::Relaxed);
         if let Err(code) = outcome {
             shared.failed.fetch_add(1, Ordering::Relaxed);
-            *errors
-                .entry(agentmesh_telemetry::code_name(code))
-                .or_insert(0) += 1;
+            *errors.entry(code).or_insert(0) += 1;
         }
     }
     WorkerResult { histogram, errors }
@@ -200,6 +311,10 @@ pub async fn run(args: &BenchArgs) -> ExitCode {
             }
         }
     }
+    if let Err(message) = prepare(&channels[0], args).await {
+        eprintln!("agentmesh bench: {message}");
+        return ExitCode::FAILURE;
+    }
     let limit = match (args.duration, args.count) {
         (_, Some(count)) => Limit::Count(count),
         (Some(duration), None) => Limit::Until(Instant::now() + duration),
@@ -216,6 +331,7 @@ pub async fn run(args: &BenchArgs) -> ExitCode {
     for index in 0..args.concurrency {
         let channel = channels[index as usize % channels.len()].clone();
         workers.spawn(worker(
+            index,
             channel,
             Arc::clone(&bench_args),
             limit,

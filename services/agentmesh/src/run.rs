@@ -21,7 +21,7 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
     } = cli;
     let (args, services) = match &command {
         Command::Bench(args) => return crate::bench::run(args).await,
-        Command::Up(args) => (args, vec![ServiceName::Config]),
+        Command::Up(args) => (args, vec![ServiceName::Config, ServiceName::Cache]),
         Command::Serve { service, args } => (args, vec![*service]),
         Command::Migrate(args) => (args, Vec::new()),
     };
@@ -102,6 +102,7 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
     for service in services {
         let port = match service {
             ServiceName::Config => settings.ports.config,
+            ServiceName::Cache => settings.ports.cache,
         };
         listeners.push((
             *service,
@@ -128,6 +129,11 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
                     agentmesh_config::serve(&settings, listener, readiness, shutdown)
                         .await
                         .map_err(|error| anyhow::anyhow!("config service: {error}"))
+                }
+                ServiceName::Cache => {
+                    agentmesh_cache::serve(&settings, listener, readiness, shutdown)
+                        .await
+                        .map_err(|error| anyhow::anyhow!("cache service: {error}"))
                 }
             }
         });
