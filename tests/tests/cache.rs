@@ -26,7 +26,7 @@ fn secs(seconds: i64) -> Option<prost_types::Duration> {
 }
 
 fn millis_of(duration: &Option<prost_types::Duration>) -> i64 {
-    let duration = duration.clone().unwrap_or_default();
+    let duration = duration.unwrap_or_default();
     duration.seconds * 1000 + i64::from(duration.nanos) / 1_000_000
 }
 
