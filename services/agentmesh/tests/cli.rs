@@ -88,6 +88,7 @@ fn dump_config_masks_secrets_and_honours_design_note_names() -> anyhow::Result<(
 struct Running {
     child: Child,
     grpc: String,
+    cache: String,
     admin: String,
     logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
@@ -114,6 +115,8 @@ fn start_up(data_dir: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Runnin
         data_dir,
         "--config-port",
         "0",
+        "--cache-port",
+        "0",
         "--admin-port",
         "0",
         "--log-format",
@@ -137,13 +140,16 @@ fn start_up(data_dir: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Runnin
             let _ = sender.send(line);
         }
     });
-    let (mut grpc, mut admin) = (None, None);
-    while grpc.is_none() || admin.is_none() {
+    let (mut grpc, mut cache, mut admin) = (None, None, None);
+    while grpc.is_none() || cache.is_none() || admin.is_none() {
         let line = receiver.recv_timeout(Duration::from_secs(30))?;
         let json: serde_json::Value = serde_json::from_str(&line)?;
         let message = json["fields"]["message"].as_str().unwrap_or_default();
         let address = json["fields"]["address"].as_str().map(str::to_owned);
-        if message.starts_with("grpc server listening") {
+        let services = json["fields"]["services"].as_str().unwrap_or_default();
+        if message.starts_with("grpc server listening") && services.contains("CacheService") {
+            cache = address;
+        } else if message.starts_with("grpc server listening") {
             grpc = address;
         } else if message.starts_with("admin endpoint listening") {
             admin = address;
@@ -162,6 +168,7 @@ fn start_up(data_dir: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Runnin
     Ok(Running {
         child,
         grpc: format!("http://{}", grpc.unwrap_or_default()),
+        cache: format!("http://{}", cache.unwrap_or_default()),
         admin: admin.unwrap_or_default(),
         logs,
     })
@@ -275,6 +282,64 @@ async fn sigterm_lets_in_flight_calls_finish_then_exits_zero() -> anyhow::Result
     })
     .await??;
     assert_eq!(status.code(), Some(0));
+    Ok(())
+}
+
+#[test]
+fn bench_drives_the_l1_only_cache_of_up() -> anyhow::Result<()> {
+    let data_dir = tempfile::tempdir()?;
+    let mut running = start_up(data_dir.path().to_str().unwrap_or_default(), &[])?;
+    for (rpc, hit) in [
+        ("cache.set", "l1"),
+        ("cache.get", "l1"),
+        ("cache.get", "miss"),
+    ] {
+        let output = agentmesh(&[
+            "bench",
+            "--target",
+            &running.cache,
+            "--rpc",
+            rpc,
+            "--hit",
+            hit,
+            "-c",
+            "4",
+            "-n",
+            "200",
+            "--json",
+        ])
+        .output()?;
+        assert!(
+            output.status.success(),
+            "{rpc} {hit}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        assert_eq!(report["rpc"], rpc);
+        assert_eq!(report["requests"], 200);
+        assert_eq!(report["errors"], serde_json::json!({}));
+    }
+    // Without Redis no read can come from L2: each one is a wrong level.
+    let output = agentmesh(&[
+        "bench",
+        "--target",
+        &running.cache,
+        "--rpc",
+        "cache.get",
+        "--hit",
+        "l2",
+        "-c",
+        "2",
+        "-n",
+        "10",
+        "--json",
+    ])
+    .output()?;
+    assert!(!output.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(report["errors"]["WRONG_HIT_LEVEL"], 10);
+    let _ = running.child.kill();
+    let _ = running.child.wait();
     Ok(())
 }
 
