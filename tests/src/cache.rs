@@ -61,7 +61,7 @@ pub fn cache_settings(redis_url: Option<&str>) -> Settings {
     };
     settings.cache.key_prefix = format!("t{}:", uuid::Uuid::new_v4().simple());
     settings.cache.pool_size = 4;
-    settings.cache.redis_timeout_ms = 200;
+    settings.cache.redis_timeout_ms = 1000;
     settings.cache.breaker_failure_threshold = 3;
     settings.cache.breaker_reset_ms = 200;
     settings.server.shutdown_grace_seconds = 2;

@@ -538,7 +538,8 @@ async fn redis_killed_under_load_then_recovers() {
             return;
         }
     };
-    let settings = cache_settings(Some(&redis.url()));
+    let mut settings = cache_settings(Some(&redis.url()));
+    settings.cache.redis_timeout_ms = 200;
     let node = CacheNode::start(&settings).await.unwrap();
     let mut client = node.client().await.unwrap();
     wait_connected(&client).await;
@@ -850,4 +851,57 @@ async fn every_limit_is_rejected_with_its_field() {
         .unwrap_err();
     assert_eq!(violations(&status), ["value"]);
     node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_ttl_follows_the_config_service_live() {
+    use agentmesh_proto::config as config_pb;
+    let db = agentmesh_tests::TestDatabase::new(agentmesh_tests::Backend::Sqlite)
+        .await
+        .unwrap();
+    let config = agentmesh_tests::ConfigNode::start(&db.settings)
+        .await
+        .unwrap();
+    let mut settings = cache_settings(None);
+    settings.endpoints.config = config.endpoint();
+    let node = CacheNode::start(&settings).await.unwrap();
+    let client = node.client().await.unwrap();
+    config
+        .client()
+        .await
+        .unwrap()
+        .update(config_pb::UpdateRequest {
+            scope: "global".into(),
+            settings: Some(config_pb::Settings {
+                cache: Some(config_pb::CacheSettings {
+                    default_ttl_seconds: Some(77),
+                }),
+                ..Default::default()
+            }),
+            author: "tests".into(),
+            reason: "shorter cache".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    eventually("Set without a TTL applies the new default", || {
+        let mut client = client.clone();
+        async move {
+            let applied = client
+                .set(pb::SetRequest {
+                    namespace: NS.into(),
+                    key: "k".into(),
+                    value: b"v".to_vec(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            applied.ttl.unwrap().seconds == 77
+        }
+    })
+    .await;
+    node.stop().await.unwrap();
+    config.stop().await.unwrap();
+    db.cleanup().await;
 }

@@ -532,8 +532,15 @@ impl CacheCore {
             match l2.try_lease(namespace, key, &token, timeout).await {
                 Ok(true) => return Some(token),
                 Ok(false) => return None,
-                // Redis is away: leases hold within this replica.
-                Err(error) => self.record_l2_error(&error),
+                // Redis is known to be away: leases hold within this replica.
+                Err(L2Error::BreakerOpen) => {}
+                // A failed or timed-out SET NX may still have taken the
+                // lease: granting a local one could make two holders, so
+                // the caller waits and asks again.
+                Err(error) => {
+                    self.record_l2_error(&error);
+                    return None;
+                }
             }
         }
         self.try_local_lease(namespace, key, timeout)
