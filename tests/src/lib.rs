@@ -8,6 +8,8 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod audit;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -50,6 +50,12 @@ pub enum Command {
     /// Load-tests an RPC, like ghz: live progress, then throughput,
     /// latency percentiles and errors by gRPC code.
     Bench(crate::bench::BenchArgs),
+    /// Audit log tools: verify the chain and signed checkpoints.
+    Audit {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::audit_cli::AuditCommand,
+    },
 }
 
 /// Services that `serve` can run.
@@ -57,6 +63,8 @@ pub enum Command {
 pub enum ServiceName {
     /// The config service (port 50053).
     Config,
+    /// The audit service (port 50054).
+    Audit,
 }
 
 /// Flags that override settings for `up`, `serve` and `migrate`.
@@ -74,6 +82,9 @@ pub struct ServeArgs {
     /// Config service port (ports.config).
     #[arg(long)]
     pub config_port: Option<u16>,
+    /// Audit service port (ports.audit).
+    #[arg(long)]
+    pub audit_port: Option<u16>,
     /// Print the effective settings (secrets masked) and exit.
     #[arg(long)]
     pub dump_config: bool,
@@ -93,6 +104,9 @@ impl ServeArgs {
         }
         if let Some(port) = self.config_port {
             settings.ports.config = port;
+        }
+        if let Some(port) = self.audit_port {
+            settings.ports.audit = port;
         }
         if let Some(format) = log_format {
             settings.telemetry.log_format = match format {
