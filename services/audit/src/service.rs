@@ -135,7 +135,7 @@ impl AuditCore {
             Ok(_) => "failed",
             Err(_) => "error",
         };
-        metrics::counter!("audit_verify_runs_total", "result" => label).increment(1);
+        metrics::counter!("agentmesh_audit_verify_runs_total", "result" => label).increment(1);
         result
     }
 

@@ -105,29 +105,29 @@ pub async fn run(
             jobs.push(job);
         }
         let checkpoint_due = since_checkpoint + events as u64 >= settings.checkpoint_every_entries;
-        metrics::histogram!("audit_group_commit_events").record(events as f64);
+        metrics::histogram!("agentmesh_audit_group_commit_events").record(events as f64);
         let started = Instant::now();
         match commit_group(&database, &signer, &jobs, checkpoint_due).await {
             Ok((outcomes, appended, checkpointed)) => {
-                metrics::histogram!("audit_commit_seconds").record(started.elapsed().as_secs_f64());
+                metrics::histogram!("agentmesh_audit_commit_seconds").record(started.elapsed().as_secs_f64());
                 since_checkpoint = if checkpointed {
                     0
                 } else {
                     since_checkpoint + appended
                 };
-                metrics::counter!("audit_appends_total", "result" => "appended")
+                metrics::counter!("agentmesh_audit_appends_total", "result" => "appended")
                     .increment(appended);
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
                     if let Ok(results) = &outcome {
                         let duplicates = results.iter().filter(|r| r.duplicate).count() as u64;
-                        metrics::counter!("audit_appends_total", "result" => "duplicate")
+                        metrics::counter!("agentmesh_audit_appends_total", "result" => "duplicate")
                             .increment(duplicates);
                     }
                     let _ = job.reply.send(outcome);
                 }
             }
             Err(error) => {
-                metrics::counter!("audit_commit_failures_total").increment(1);
+                metrics::counter!("agentmesh_audit_commit_failures_total").increment(1);
                 tracing::warn!(%error, events, "audit group commit failed; nothing of it was stored");
                 let message = error.to_string();
                 for job in jobs {
@@ -226,7 +226,7 @@ async fn commit_group(
         store::write_head(&transaction, sequence, &prev_hash).await?;
         if checkpoint_due {
             store::insert_checkpoint(&transaction, &signer.sign(sequence, prev_hash)).await?;
-            metrics::counter!("audit_checkpoints_total").increment(1);
+            metrics::counter!("agentmesh_audit_checkpoints_total").increment(1);
             checkpointed = true;
         }
     }
@@ -255,6 +255,6 @@ pub async fn checkpoint_head(
     let transaction = writer.begin().await?;
     store::insert_checkpoint(&transaction, &signer.sign(sequence, entry_hash)).await?;
     transaction.commit().await?;
-    metrics::counter!("audit_checkpoints_total").increment(1);
+    metrics::counter!("agentmesh_audit_checkpoints_total").increment(1);
     store::checkpoint(writer, Some(sequence)).await
 }
