@@ -109,7 +109,8 @@ pub async fn run(
         let started = Instant::now();
         match commit_group(&database, &signer, &jobs, checkpoint_due).await {
             Ok((outcomes, appended, checkpointed)) => {
-                metrics::histogram!("agentmesh_audit_commit_seconds").record(started.elapsed().as_secs_f64());
+                metrics::histogram!("agentmesh_audit_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 since_checkpoint = if checkpointed {
                     0
                 } else {
