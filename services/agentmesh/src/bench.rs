@@ -8,6 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use agentmesh_proto::audit;
+use agentmesh_proto::audit::audit_service_client::AuditServiceClient;
+use agentmesh_proto::audit::{AppendBatchRequest, AppendRequest};
 use agentmesh_proto::cache as cache_pb;
 use agentmesh_proto::cache::cache_service_client::CacheServiceClient;
 use agentmesh_proto::config::GetEffectiveRequest;
@@ -54,6 +57,10 @@ pub struct BenchArgs {
     /// Value size for cache.get and cache.set, in bytes.
     #[arg(long, default_value_t = 256)]
     pub value_bytes: usize,
+    /// Events per call for audit.append: 1 calls Append, more call
+    /// AppendBatch (appends/s = req/s × batch size).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub batch_size: u32,
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -73,6 +80,10 @@ pub enum BenchRpc {
     /// agentmesh.cache.v1.CacheService/Set.
     #[value(name = "cache.set")]
     CacheSet,
+    /// agentmesh.audit.v1.AuditService/Append (or AppendBatch with
+    /// --batch-size > 1), each event with a fresh event id.
+    #[value(name = "audit.append")]
+    AuditAppend,
 }
 
 /// Which level cache.get reads must hit.
@@ -100,6 +111,7 @@ impl BenchRpc {
             BenchRpc::ConfigGetEffective => "config.get-effective",
             BenchRpc::CacheGet => "cache.get",
             BenchRpc::CacheSet => "cache.set",
+            BenchRpc::AuditAppend => "audit.append",
         }
     }
 }
@@ -213,13 +225,19 @@ async fn call(
             .await
             .map(|_| ())
             .map_err(code_name),
-        BenchRpc::Health | BenchRpc::ConfigGetEffective => legacy_call(rpc, channel, args)
-            .await
-            .map_err(agentmesh_telemetry::code_name),
+        BenchRpc::Health | BenchRpc::ConfigGetEffective | BenchRpc::AuditAppend => {
+            call_returning_code(rpc, channel, args)
+                .await
+                .map_err(agentmesh_telemetry::code_name)
+        }
     }
 }
 
-async fn legacy_call(rpc: BenchRpc, channel: &Channel, args: &BenchArgs) -> Result<(), Code> {
+async fn call_returning_code(
+    rpc: BenchRpc,
+    channel: &Channel,
+    args: &BenchArgs,
+) -> Result<(), Code> {
     match rpc {
         BenchRpc::Health => HealthClient::new(channel.clone())
             .check(HealthCheckRequest {
@@ -237,6 +255,73 @@ async fn legacy_call(rpc: BenchRpc, channel: &Channel, args: &BenchArgs) -> Resu
             .map(|_| ())
             .map_err(|status| status.code()),
         BenchRpc::CacheGet | BenchRpc::CacheSet => Ok(()),
+        BenchRpc::AuditAppend => {
+            let mut client = AuditServiceClient::new(channel.clone());
+            let result = if args.batch_size <= 1 {
+                client
+                    .append(AppendRequest {
+                        event: Some(bench_event()),
+                    })
+                    .await
+                    .map(|_| ())
+            } else {
+                client
+                    .append_batch(AppendBatchRequest {
+                        events: (0..args.batch_size).map(|_| bench_event()).collect(),
+                    })
+                    .await
+                    .map(|_| ())
+            };
+            result.map_err(|status| status.code())
+        }
+    }
+}
+
+/// A typical audit event with an event id unique across bench runs.
+fn bench_event() -> audit::Event {
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let run = RUN.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        format!("bench-{}-{nanos}", std::process::id())
+    });
+    let number = NEXT.fetch_add(1, Ordering::Relaxed);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let text = |value: &str| prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(value.to_owned())),
+    };
+    audit::Event {
+        event_id: format!("{run}-{number}"),
+        occurred_at: Some(prost_types::Timestamp {
+            seconds: i64::try_from(now.as_secs()).unwrap_or(0),
+            nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+        }),
+        agent_type: "coder".to_owned(),
+        action: "task.execute".to_owned(),
+        user_id: "bench-user".to_owned(),
+        project_id: "bench-project".to_owned(),
+        workflow_id: String::new(),
+        trace_id: String::new(),
+        outcome: audit::Outcome::Success as i32,
+        context: Some(prost_types::Struct {
+            fields: [
+                ("model".to_owned(), text("local")),
+                ("prompt_sha256".to_owned(), text(&"ab".repeat(32))),
+                (
+                    "tokens".to_owned(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::NumberValue(128.0)),
+                    },
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        }),
     }
 }
 

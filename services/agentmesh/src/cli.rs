@@ -50,6 +50,12 @@ pub enum Command {
     /// Load-tests an RPC, like ghz: live progress, then throughput,
     /// latency percentiles and errors by gRPC code.
     Bench(crate::bench::BenchArgs),
+    /// Audit log tools: verify the chain and signed checkpoints.
+    Audit {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::audit_cli::AuditCommand,
+    },
 }
 
 /// Services that `serve` can run.
@@ -59,6 +65,8 @@ pub enum ServiceName {
     Config,
     /// The cache service (port 50055).
     Cache,
+    /// The audit service (port 50054).
+    Audit,
 }
 
 /// Flags that override settings for `up`, `serve` and `migrate`.
@@ -79,6 +87,9 @@ pub struct ServeArgs {
     /// Cache service port (ports.cache).
     #[arg(long)]
     pub cache_port: Option<u16>,
+    /// Audit service port (ports.audit).
+    #[arg(long)]
+    pub audit_port: Option<u16>,
     /// Print the effective settings (secrets masked) and exit.
     #[arg(long)]
     pub dump_config: bool,
@@ -101,6 +112,9 @@ impl ServeArgs {
         }
         if let Some(port) = self.cache_port {
             settings.ports.cache = port;
+        }
+        if let Some(port) = self.audit_port {
+            settings.ports.audit = port;
         }
         if let Some(format) = log_format {
             settings.telemetry.log_format = match format {

@@ -1,9 +1,10 @@
 //! The `agentmesh` binary: `up` (the whole suite in one process), `serve
-//! <service>`, `migrate` and `bench`. Thin: it parses arguments, loads
+//! <service>`, `migrate`, `bench` and `audit`. Thin: it parses arguments, loads
 //! settings, starts telemetry and calls the service libraries.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+mod audit_cli;
 mod bench;
 mod cli;
 mod run;

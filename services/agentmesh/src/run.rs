@@ -21,7 +21,11 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
     } = cli;
     let (args, services) = match &command {
         Command::Bench(args) => return crate::bench::run(args).await,
-        Command::Up(args) => (args, vec![ServiceName::Config, ServiceName::Cache]),
+        Command::Audit { command } => return crate::audit_cli::run(command).await,
+        Command::Up(args) => (
+            args,
+            vec![ServiceName::Config, ServiceName::Cache, ServiceName::Audit],
+        ),
         Command::Serve { service, args } => (args, vec![*service]),
         Command::Migrate(args) => (args, Vec::new()),
     };
@@ -79,6 +83,7 @@ fn load_settings(
 async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let database = Database::connect(settings).await?;
     agentmesh_config::migrate(&database).await?;
+    agentmesh_audit::migrate(&database).await?;
     tracing::info!("migrations applied");
     database.close().await;
     Ok(())
@@ -103,6 +108,7 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
         let port = match service {
             ServiceName::Config => settings.ports.config,
             ServiceName::Cache => settings.ports.cache,
+            ServiceName::Audit => settings.ports.audit,
         };
         listeners.push((
             *service,
@@ -134,6 +140,11 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
                     agentmesh_cache::serve(&settings, listener, readiness, shutdown)
                         .await
                         .map_err(|error| anyhow::anyhow!("cache service: {error}"))
+                }
+                ServiceName::Audit => {
+                    agentmesh_audit::serve(&settings, listener, readiness, shutdown)
+                        .await
+                        .map_err(|error| anyhow::anyhow!("audit service: {error}"))
                 }
             }
         });

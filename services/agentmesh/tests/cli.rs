@@ -117,6 +117,8 @@ fn start_up(data_dir: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Runnin
         "0",
         "--cache-port",
         "0",
+        "--audit-port",
+        "0",
         "--admin-port",
         "0",
         "--log-format",
@@ -149,7 +151,8 @@ fn start_up(data_dir: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Runnin
         let services = json["fields"]["services"].as_str().unwrap_or_default();
         if message.starts_with("grpc server listening") && services.contains("CacheService") {
             cache = address;
-        } else if message.starts_with("grpc server listening") {
+        } else if message.starts_with("grpc server listening") && services.contains("ConfigService")
+        {
             grpc = address;
         } else if message.starts_with("admin endpoint listening") {
             admin = address;

@@ -43,6 +43,8 @@ pub struct Settings {
     pub config_service: ConfigServiceSettings,
     /// The cache service's own behaviour.
     pub cache: CacheServiceSettings,
+    /// The audit service's own behaviour.
+    pub audit: AuditSettings,
     /// Log output.
     pub telemetry: TelemetrySettings,
     /// Values seeded into the `global` scope on the config service's first
@@ -155,6 +157,38 @@ pub struct CacheServiceSettings {
     pub invalidate_batch: u32,
 }
 
+/// Behaviour of the audit service.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSettings {
+    /// Most events in one AppendBatch request.
+    pub max_batch_events: usize,
+    /// Largest event context, in bytes of canonical JSON.
+    pub max_context_bytes: usize,
+    /// Deepest nesting of objects and arrays in an event context.
+    pub max_context_depth: usize,
+    /// Most events the writer commits in one transaction (group commit).
+    pub group_commit_max_events: usize,
+    /// How long the writer waits for more appends before committing a
+    /// group, in microseconds; 0 commits whatever is queued at once.
+    pub group_commit_wait_us: u64,
+    /// Append requests queued for the writer before new ones are refused
+    /// with RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
+    /// Sign a checkpoint after this many entries appended by this process.
+    pub checkpoint_every_entries: u64,
+    /// Sign a checkpoint of new entries at least this often, in seconds.
+    pub checkpoint_every_seconds: u64,
+    /// File holding the Ed25519 signing key as 64 hex digits (its 32-byte
+    /// seed); `<data_dir>/audit-signing-key` when unset, generated with mode
+    /// 0600 on first start.
+    pub signing_key_file: Option<PathBuf>,
+    /// Entries Verify reads per database round trip.
+    pub verify_page_size: u32,
+    /// Most entries one Verify call may cover.
+    pub max_verify_range: u64,
+}
+
 /// Log format.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -188,6 +222,7 @@ impl Default for Settings {
             endpoints: EndpointSettings::default(),
             config_service: ConfigServiceSettings::default(),
             cache: CacheServiceSettings::default(),
+            audit: AuditSettings::default(),
             telemetry: TelemetrySettings::default(),
             defaults: LiveSettings::default(),
         }
@@ -263,6 +298,33 @@ impl Default for CacheServiceSettings {
             breaker_reset_ms: 1_000,
             invalidate_batch: 500,
         }
+    }
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            max_batch_events: 1000,
+            max_context_bytes: 64 * 1024,
+            max_context_depth: 32,
+            group_commit_max_events: 2000,
+            group_commit_wait_us: 0,
+            queue_capacity: 10_000,
+            checkpoint_every_entries: 1000,
+            checkpoint_every_seconds: 60,
+            signing_key_file: None,
+            verify_page_size: 1000,
+            max_verify_range: 1_000_000,
+        }
+    }
+}
+
+impl AuditSettings {
+    /// The signing key file: `signing_key_file`, else under `data_dir`.
+    pub fn effective_signing_key_file(&self, data_dir: &Path) -> PathBuf {
+        self.signing_key_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("audit-signing-key"))
     }
 }
 
@@ -549,6 +611,71 @@ impl Settings {
             cache.invalidate_batch.to_string(),
             "must be between 1 and 100000",
         );
+        for (key, value, range) in [
+            (
+                "audit.max_batch_events",
+                self.audit.max_batch_events as u64,
+                1..=10_000u64,
+            ),
+            (
+                "audit.max_context_bytes",
+                self.audit.max_context_bytes as u64,
+                2..=16 * 1024 * 1024,
+            ),
+            (
+                "audit.max_context_depth",
+                self.audit.max_context_depth as u64,
+                1..=128,
+            ),
+            (
+                "audit.group_commit_max_events",
+                self.audit.group_commit_max_events as u64,
+                1..=100_000,
+            ),
+            (
+                "audit.group_commit_wait_us",
+                self.audit.group_commit_wait_us,
+                0..=1_000_000,
+            ),
+            (
+                "audit.queue_capacity",
+                self.audit.queue_capacity as u64,
+                1..=1_000_000,
+            ),
+            (
+                "audit.checkpoint_every_entries",
+                self.audit.checkpoint_every_entries,
+                1..=100_000_000,
+            ),
+            (
+                "audit.checkpoint_every_seconds",
+                self.audit.checkpoint_every_seconds,
+                1..=86_400,
+            ),
+            (
+                "audit.verify_page_size",
+                u64::from(self.audit.verify_page_size),
+                1..=100_000,
+            ),
+            (
+                "audit.max_verify_range",
+                self.audit.max_verify_range,
+                1..=1_000_000_000,
+            ),
+        ] {
+            check(
+                range.contains(&value),
+                key,
+                value.to_string(),
+                &format!("must be between {} and {}", range.start(), range.end()),
+            );
+        }
+        check(
+            self.audit.group_commit_max_events >= self.audit.max_batch_events,
+            "audit.group_commit_max_events",
+            self.audit.group_commit_max_events.to_string(),
+            "must be at least audit.max_batch_events (a batch is committed whole)",
+        );
         for violation in self.defaults.to_values().validate() {
             violations.push(Violation {
                 key: format!("defaults.{}", violation.field),
@@ -672,6 +799,45 @@ mod tests {
             violations[3].rule.contains("between 0 and 2"),
             "{}",
             violations[3].rule
+        );
+    }
+
+    #[test]
+    fn audit_section_is_validated_and_loaded_from_files() {
+        let mut settings = Settings::default();
+        settings.audit.max_batch_events = 0;
+        settings.audit.checkpoint_every_seconds = 0;
+        let violations = settings.validate().unwrap_err();
+        let keys: Vec<_> = violations.iter().map(|v| v.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["audit.max_batch_events", "audit.checkpoint_every_seconds"]
+        );
+        assert_eq!(violations[0].rule, "must be between 1 and 10000");
+
+        let mut small_groups = Settings::default();
+        small_groups.audit.group_commit_max_events = 10;
+        let violations = small_groups.validate().unwrap_err();
+        assert_eq!(violations[0].key, "audit.group_commit_max_events");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.toml");
+        std::fs::write(
+            &file,
+            "[audit]\ncheckpoint_every_entries = 50\nsigning_key_file = \"/k\"\n",
+        )
+        .unwrap();
+        let loaded = Settings::load(Some(&file)).unwrap();
+        assert_eq!(loaded.audit.checkpoint_every_entries, 50);
+        assert_eq!(
+            loaded.audit.effective_signing_key_file(&loaded.data_dir),
+            PathBuf::from("/k")
+        );
+        assert_eq!(
+            Settings::default()
+                .audit
+                .effective_signing_key_file(Path::new("/d")),
+            PathBuf::from("/d/audit-signing-key")
         );
     }
 
