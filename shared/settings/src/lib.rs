@@ -13,5 +13,7 @@
 pub mod bootstrap;
 pub mod live;
 
-pub use bootstrap::{LoadError, LogFormat, Settings, Violation};
+pub use bootstrap::{
+    AgentServiceSettings, LoadError, LogFormat, ProviderKind, SanitizePolicy, Settings, Violation,
+};
 pub use live::{LiveSettings, Scope};
