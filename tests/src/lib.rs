@@ -8,6 +8,9 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod agent_node;
+pub mod llm_server;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use agentmesh_proto::agent::agent_service_client::AgentServiceClient;
 use agentmesh_proto::config::GetEffectiveRequest;
 use agentmesh_proto::config::config_service_client::ConfigServiceClient;
 use clap::{Args, ValueEnum};
@@ -38,10 +39,10 @@ pub struct BenchArgs {
     /// HTTP/2 connections shared by the callers.
     #[arg(long, default_value_t = 1)]
     pub connections: u32,
-    /// Agent type for config.get-effective.
+    /// Agent type for config.get-effective and agent.execute.
     #[arg(long, default_value = "")]
     pub agent_type: String,
-    /// Project id for config.get-effective.
+    /// Project id for config.get-effective and agent.execute.
     #[arg(long, default_value = "")]
     pub project_id: String,
     /// Print one JSON object instead of the text report.
@@ -57,6 +58,10 @@ pub enum BenchRpc {
     /// agentmesh.config.v1.ConfigService/GetEffective.
     #[value(name = "config.get-effective")]
     ConfigGetEffective,
+    /// agentmesh.agent.v1.AgentService/Execute (`--agent-type`, default
+    /// coder; `--project-id`, default bench).
+    #[value(name = "agent.execute")]
+    AgentExecute,
 }
 
 impl BenchRpc {
@@ -64,6 +69,7 @@ impl BenchRpc {
         match self {
             BenchRpc::Health => "health",
             BenchRpc::ConfigGetEffective => "config.get-effective",
+            BenchRpc::AgentExecute => "agent.execute",
         }
     }
 }
@@ -125,6 +131,32 @@ async fn call(rpc: BenchRpc, channel: &Channel, args: &BenchArgs) -> Result<(), 
             .await
             .map(|_| ())
             .map_err(|status| status.code()),
+        BenchRpc::AgentExecute => {
+            let spec = agentmesh_proto::agent::ExecutionSpec {
+                agent_type: if args.agent_type.is_empty() {
+                    "coder".to_owned()
+                } else {
+                    args.agent_type.clone()
+                },
+                variables: [(
+                    "task".to_owned(),
+                    "write a function that adds two numbers".to_owned(),
+                )]
+                .into_iter()
+                .collect(),
+                project_id: if args.project_id.is_empty() {
+                    "bench".to_owned()
+                } else {
+                    args.project_id.clone()
+                },
+                ..Default::default()
+            };
+            AgentServiceClient::new(channel.clone())
+                .execute(agentmesh_proto::agent::ExecuteRequest { spec: Some(spec) })
+                .await
+                .map(|_| ())
+                .map_err(|status| status.code())
+        }
     }
 }
 

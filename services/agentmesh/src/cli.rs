@@ -57,6 +57,8 @@ pub enum Command {
 pub enum ServiceName {
     /// The config service (port 50053).
     Config,
+    /// The agent service (port 50052).
+    Agent,
 }
 
 /// Flags that override settings for `up`, `serve` and `migrate`.
@@ -74,6 +76,9 @@ pub struct ServeArgs {
     /// Config service port (ports.config).
     #[arg(long)]
     pub config_port: Option<u16>,
+    /// Agent service port (ports.agent).
+    #[arg(long)]
+    pub agent_port: Option<u16>,
     /// Print the effective settings (secrets masked) and exit.
     #[arg(long)]
     pub dump_config: bool,
@@ -93,6 +98,9 @@ impl ServeArgs {
         }
         if let Some(port) = self.config_port {
             settings.ports.config = port;
+        }
+        if let Some(port) = self.agent_port {
+            settings.ports.agent = port;
         }
         if let Some(format) = log_format {
             settings.telemetry.log_format = match format {

@@ -21,7 +21,7 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
     } = cli;
     let (args, services) = match &command {
         Command::Bench(args) => return crate::bench::run(args).await,
-        Command::Up(args) => (args, vec![ServiceName::Config]),
+        Command::Up(args) => (args, vec![ServiceName::Config, ServiceName::Agent]),
         Command::Serve { service, args } => (args, vec![*service]),
         Command::Migrate(args) => (args, Vec::new()),
     };
@@ -79,6 +79,7 @@ fn load_settings(
 async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let database = Database::connect(settings).await?;
     agentmesh_config::migrate(&database).await?;
+    agentmesh_agent::migrate(&database).await?;
     tracing::info!("migrations applied");
     database.close().await;
     Ok(())
@@ -102,6 +103,7 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
     for service in services {
         let port = match service {
             ServiceName::Config => settings.ports.config,
+            ServiceName::Agent => settings.ports.agent,
         };
         listeners.push((
             *service,
@@ -128,6 +130,11 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
                     agentmesh_config::serve(&settings, listener, readiness, shutdown)
                         .await
                         .map_err(|error| anyhow::anyhow!("config service: {error}"))
+                }
+                ServiceName::Agent => {
+                    agentmesh_agent::serve(&settings, listener, readiness, shutdown)
+                        .await
+                        .map_err(|error| anyhow::anyhow!("agent service: {error}"))
                 }
             }
         });
