@@ -111,6 +111,20 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
         ));
     }
     tracing::info!(address = %admin_listener.local_addr()?, "admin endpoint listening (/metrics, /healthz, /readyz)");
+    // With the config service in this process, the other services watch it
+    // (over gRPC, as in separate processes) at the address it really got.
+    let mut settings = settings.clone();
+    if let Some((_, listener)) = listeners
+        .iter()
+        .find(|(service, _)| *service == ServiceName::Config)
+    {
+        let mut address = listener.local_addr()?;
+        if address.ip().is_unspecified() {
+            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        settings.endpoints.config = format!("http://{address}");
+    }
+    let settings = &settings;
 
     let mut tasks = JoinSet::new();
     let admin_shutdown = shutdown.clone();

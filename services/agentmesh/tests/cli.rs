@@ -114,6 +114,8 @@ fn start_up(data_dir: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Runnin
         data_dir,
         "--config-port",
         "0",
+        "--agent-port",
+        "0",
         "--admin-port",
         "0",
         "--log-format",
@@ -143,7 +145,8 @@ fn start_up(data_dir: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Runnin
         let json: serde_json::Value = serde_json::from_str(&line)?;
         let message = json["fields"]["message"].as_str().unwrap_or_default();
         let address = json["fields"]["address"].as_str().map(str::to_owned);
-        if message.starts_with("grpc server listening") {
+        let services = json["fields"]["services"].as_str().unwrap_or_default();
+        if message.starts_with("grpc server listening") && services.contains("ConfigService") {
             grpc = address;
         } else if message.starts_with("admin endpoint listening") {
             admin = address;
