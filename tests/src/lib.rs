@@ -8,8 +8,10 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod agent_node;
 pub mod audit;
 pub mod cache;
+pub mod llm_server;
 
 use std::net::SocketAddr;
 use std::time::Duration;

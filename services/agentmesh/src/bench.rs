@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use agentmesh_proto::agent::agent_service_client::AgentServiceClient;
 use agentmesh_proto::audit;
 use agentmesh_proto::audit::audit_service_client::AuditServiceClient;
 use agentmesh_proto::audit::{AppendBatchRequest, AppendRequest};
@@ -43,10 +44,10 @@ pub struct BenchArgs {
     /// HTTP/2 connections shared by the callers.
     #[arg(long, default_value_t = 1)]
     pub connections: u32,
-    /// Agent type for config.get-effective.
+    /// Agent type for config.get-effective and agent.execute.
     #[arg(long, default_value = "")]
     pub agent_type: String,
-    /// Project id for config.get-effective.
+    /// Project id for config.get-effective and agent.execute.
     #[arg(long, default_value = "")]
     pub project_id: String,
     /// For cache.get: the level every read must hit (set up before the run;
@@ -84,6 +85,10 @@ pub enum BenchRpc {
     /// --batch-size > 1), each event with a fresh event id.
     #[value(name = "audit.append")]
     AuditAppend,
+    /// agentmesh.agent.v1.AgentService/Execute (`--agent-type`, default
+    /// coder; `--project-id`, default bench).
+    #[value(name = "agent.execute")]
+    AgentExecute,
 }
 
 /// Which level cache.get reads must hit.
@@ -112,6 +117,7 @@ impl BenchRpc {
             BenchRpc::CacheGet => "cache.get",
             BenchRpc::CacheSet => "cache.set",
             BenchRpc::AuditAppend => "audit.append",
+            BenchRpc::AgentExecute => "agent.execute",
         }
     }
 }
@@ -225,11 +231,12 @@ async fn call(
             .await
             .map(|_| ())
             .map_err(code_name),
-        BenchRpc::Health | BenchRpc::ConfigGetEffective | BenchRpc::AuditAppend => {
-            call_returning_code(rpc, channel, args)
-                .await
-                .map_err(agentmesh_telemetry::code_name)
-        }
+        BenchRpc::Health
+        | BenchRpc::ConfigGetEffective
+        | BenchRpc::AuditAppend
+        | BenchRpc::AgentExecute => call_returning_code(rpc, channel, args)
+            .await
+            .map_err(agentmesh_telemetry::code_name),
     }
 }
 
@@ -273,6 +280,32 @@ async fn call_returning_code(
                     .map(|_| ())
             };
             result.map_err(|status| status.code())
+        }
+        BenchRpc::AgentExecute => {
+            let spec = agentmesh_proto::agent::ExecutionSpec {
+                agent_type: if args.agent_type.is_empty() {
+                    "coder".to_owned()
+                } else {
+                    args.agent_type.clone()
+                },
+                variables: [(
+                    "task".to_owned(),
+                    "write a function that adds two numbers".to_owned(),
+                )]
+                .into_iter()
+                .collect(),
+                project_id: if args.project_id.is_empty() {
+                    "bench".to_owned()
+                } else {
+                    args.project_id.clone()
+                },
+                ..Default::default()
+            };
+            AgentServiceClient::new(channel.clone())
+                .execute(agentmesh_proto::agent::ExecuteRequest { spec: Some(spec) })
+                .await
+                .map(|_| ())
+                .map_err(|status| status.code())
         }
     }
 }

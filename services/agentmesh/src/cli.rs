@@ -67,6 +67,8 @@ pub enum ServiceName {
     Cache,
     /// The audit service (port 50054).
     Audit,
+    /// The agent service (port 50052).
+    Agent,
 }
 
 /// Flags that override settings for `up`, `serve` and `migrate`.
@@ -90,6 +92,9 @@ pub struct ServeArgs {
     /// Audit service port (ports.audit).
     #[arg(long)]
     pub audit_port: Option<u16>,
+    /// Agent service port (ports.agent).
+    #[arg(long)]
+    pub agent_port: Option<u16>,
     /// Print the effective settings (secrets masked) and exit.
     #[arg(long)]
     pub dump_config: bool,
@@ -115,6 +120,9 @@ impl ServeArgs {
         }
         if let Some(port) = self.audit_port {
             settings.ports.audit = port;
+        }
+        if let Some(port) = self.agent_port {
+            settings.ports.agent = port;
         }
         if let Some(format) = log_format {
             settings.telemetry.log_format = match format {

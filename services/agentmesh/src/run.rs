@@ -24,7 +24,12 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
         Command::Audit { command } => return crate::audit_cli::run(command).await,
         Command::Up(args) => (
             args,
-            vec![ServiceName::Config, ServiceName::Cache, ServiceName::Audit],
+            vec![
+                ServiceName::Config,
+                ServiceName::Agent,
+                ServiceName::Audit,
+                ServiceName::Cache,
+            ],
         ),
         Command::Serve { service, args } => (args, vec![*service]),
         Command::Migrate(args) => (args, Vec::new()),
@@ -84,6 +89,7 @@ async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let database = Database::connect(settings).await?;
     agentmesh_config::migrate(&database).await?;
     agentmesh_audit::migrate(&database).await?;
+    agentmesh_agent::migrate(&database).await?;
     tracing::info!("migrations applied");
     database.close().await;
     Ok(())
@@ -109,6 +115,7 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
             ServiceName::Config => settings.ports.config,
             ServiceName::Cache => settings.ports.cache,
             ServiceName::Audit => settings.ports.audit,
+            ServiceName::Agent => settings.ports.agent,
         };
         listeners.push((
             *service,
@@ -116,6 +123,20 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
         ));
     }
     tracing::info!(address = %admin_listener.local_addr()?, "admin endpoint listening (/metrics, /healthz, /readyz)");
+    // With the config service in this process, the other services watch it
+    // (over gRPC, as in separate processes) at the address it really got.
+    let mut settings = settings.clone();
+    if let Some((_, listener)) = listeners
+        .iter()
+        .find(|(service, _)| *service == ServiceName::Config)
+    {
+        let mut address = listener.local_addr()?;
+        if address.ip().is_unspecified() {
+            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        settings.endpoints.config = format!("http://{address}");
+    }
+    let settings = &settings;
 
     let mut tasks = JoinSet::new();
     let admin_shutdown = shutdown.clone();
@@ -145,6 +166,11 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
                     agentmesh_audit::serve(&settings, listener, readiness, shutdown)
                         .await
                         .map_err(|error| anyhow::anyhow!("audit service: {error}"))
+                }
+                ServiceName::Agent => {
+                    agentmesh_agent::serve(&settings, listener, readiness, shutdown)
+                        .await
+                        .map_err(|error| anyhow::anyhow!("agent service: {error}"))
                 }
             }
         });

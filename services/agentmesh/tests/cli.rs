@@ -119,6 +119,8 @@ fn start_up(data_dir: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Runnin
         "0",
         "--audit-port",
         "0",
+        "--agent-port",
+        "0",
         "--admin-port",
         "0",
         "--log-format",

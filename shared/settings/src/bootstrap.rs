@@ -45,6 +45,8 @@ pub struct Settings {
     pub cache: CacheServiceSettings,
     /// The audit service's own behaviour.
     pub audit: AuditSettings,
+    /// The agent service: node identity, limits, providers, recording.
+    pub agent_service: AgentServiceSettings,
     /// Log output.
     pub telemetry: TelemetrySettings,
     /// Values seeded into the `global` scope on the config service's first
@@ -189,6 +191,291 @@ pub struct AuditSettings {
     pub max_verify_range: u64,
 }
 
+/// Which LLM provider the agent service calls.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// The deterministic offline provider (labelled offline in responses).
+    Local,
+    /// An OpenAI-compatible chat-completions endpoint.
+    Openai,
+}
+
+/// What the agent service does with a template variable that looks like
+/// markup injection.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SanitizePolicy {
+    /// Reject the request with INVALID_ARGUMENT naming the variable and rule.
+    #[default]
+    Reject,
+    /// HTML-escape the value and neutralise script URLs, then render it.
+    Escape,
+}
+
+/// Behaviour of the agent service.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentServiceSettings {
+    /// Id reported in every response and in `GetLoad`; `host:port` of the
+    /// agent listener when unset.
+    pub node_id: Option<String>,
+    /// `local` or `openai`; unset means `openai` when `openai.base_url` is
+    /// set (or `OPENAI_BASE_URL`), else `local`.
+    pub provider: Option<ProviderKind>,
+    /// Executions the node runs at once (its capacity in `GetLoad`).
+    pub max_concurrent_executions: u32,
+    /// Executions that may wait for a slot; beyond this, RESOURCE_EXHAUSTED.
+    pub max_queued_executions: u32,
+    /// How long an execution may wait for a slot, in milliseconds.
+    pub queue_timeout_ms: u64,
+    /// Whether prompt and output are stored when a request does not say.
+    pub record_content: bool,
+    /// Execution records buffered for the background writer.
+    pub record_queue: usize,
+    /// `reject` or `escape` suspicious template variables.
+    pub sanitize_policy: SanitizePolicy,
+    /// TOML file adding or replacing agent types; `<data_dir>/agents.toml`
+    /// is read when unset and present.
+    pub catalogue_file: Option<PathBuf>,
+    /// Seconds between runs of the artifact retention job.
+    pub retention_interval_seconds: u64,
+    /// Artifacts deleted per statement by the retention job.
+    pub cleanup_batch_size: u64,
+    /// Largest artifact content accepted, in bytes.
+    pub max_artifact_bytes: usize,
+    /// The `local` provider.
+    pub local: LocalProviderSettings,
+    /// The `openai` provider.
+    pub openai: OpenAiProviderSettings,
+}
+
+/// The deterministic offline provider.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalProviderSettings {
+    /// Artificial latency added to every call, in milliseconds.
+    pub latency_ms: u64,
+    /// Extra random latency, uniformly 0 to this many milliseconds.
+    pub jitter_ms: u64,
+}
+
+/// An OpenAI-compatible chat-completions endpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenAiProviderSettings {
+    /// Base URL up to `/v1` (e.g. `http://127.0.0.1:11434/v1` for Ollama);
+    /// `https://api.openai.com/v1` when unset.
+    pub base_url: Option<String>,
+    /// Name of the environment variable holding the API key (never logged).
+    pub api_key_env: String,
+    /// Provider name reported in responses (`openai`, `vllm`, `ollama`…).
+    pub label: String,
+    /// Models the endpoint serves; empty accepts any model name.
+    pub models: Vec<String>,
+    /// Requests that may wait for an in-flight slot (the slots are
+    /// `llm.pool_size`); beyond this, RESOURCE_EXHAUSTED.
+    pub max_queued: u32,
+    /// How long a request may wait for an in-flight slot, in milliseconds.
+    pub queue_timeout_ms: u64,
+    /// Retries after connect errors, 429 and 5xx (within the deadline).
+    pub max_retries: u32,
+    /// First retry delay in milliseconds (doubles, with jitter).
+    pub retry_initial_ms: u64,
+    /// Longest retry delay in milliseconds.
+    pub retry_max_ms: u64,
+    /// TCP connect timeout in milliseconds.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for AgentServiceSettings {
+    fn default() -> Self {
+        Self {
+            node_id: None,
+            provider: None,
+            max_concurrent_executions: 256,
+            max_queued_executions: 1024,
+            queue_timeout_ms: 5_000,
+            record_content: true,
+            record_queue: 4096,
+            sanitize_policy: SanitizePolicy::Reject,
+            catalogue_file: None,
+            retention_interval_seconds: 300,
+            cleanup_batch_size: 500,
+            max_artifact_bytes: 4 * 1024 * 1024,
+            local: LocalProviderSettings::default(),
+            openai: OpenAiProviderSettings::default(),
+        }
+    }
+}
+
+impl Default for OpenAiProviderSettings {
+    fn default() -> Self {
+        Self {
+            base_url: None,
+            api_key_env: "OPENAI_API_KEY".to_owned(),
+            label: "openai".to_owned(),
+            models: Vec::new(),
+            max_queued: 1024,
+            queue_timeout_ms: 10_000,
+            max_retries: 3,
+            retry_initial_ms: 200,
+            retry_max_ms: 5_000,
+            connect_timeout_ms: 2_000,
+        }
+    }
+}
+
+impl AgentServiceSettings {
+    /// The provider that runs: the configured one, else `openai` when a base
+    /// URL is set, else `local`.
+    pub fn effective_provider(&self) -> ProviderKind {
+        match self.provider {
+            Some(kind) => kind,
+            None if self.openai.base_url.is_some() => ProviderKind::Openai,
+            None => ProviderKind::Local,
+        }
+    }
+
+    fn validate(&self, check: &mut impl FnMut(bool, &str, String, &str)) {
+        if let Some(node_id) = &self.node_id {
+            check(
+                !node_id.trim().is_empty() && node_id.len() <= 128,
+                "agent_service.node_id",
+                format!("{node_id:?}"),
+                "must be 1 to 128 bytes",
+            );
+        }
+        for (key, value, min, max) in [
+            (
+                "agent_service.max_concurrent_executions",
+                u64::from(self.max_concurrent_executions),
+                1,
+                100_000,
+            ),
+            (
+                "agent_service.max_queued_executions",
+                u64::from(self.max_queued_executions),
+                0,
+                1_000_000,
+            ),
+            (
+                "agent_service.queue_timeout_ms",
+                self.queue_timeout_ms,
+                1,
+                600_000,
+            ),
+            (
+                "agent_service.record_queue",
+                self.record_queue as u64,
+                1,
+                1_000_000,
+            ),
+            (
+                "agent_service.retention_interval_seconds",
+                self.retention_interval_seconds,
+                1,
+                86_400,
+            ),
+            (
+                "agent_service.cleanup_batch_size",
+                self.cleanup_batch_size,
+                1,
+                100_000,
+            ),
+            (
+                "agent_service.max_artifact_bytes",
+                self.max_artifact_bytes as u64,
+                1,
+                256 * 1024 * 1024,
+            ),
+            (
+                "agent_service.local.latency_ms",
+                self.local.latency_ms,
+                0,
+                600_000,
+            ),
+            (
+                "agent_service.local.jitter_ms",
+                self.local.jitter_ms,
+                0,
+                600_000,
+            ),
+            (
+                "agent_service.openai.max_queued",
+                u64::from(self.openai.max_queued),
+                0,
+                1_000_000,
+            ),
+            (
+                "agent_service.openai.queue_timeout_ms",
+                self.openai.queue_timeout_ms,
+                1,
+                600_000,
+            ),
+            (
+                "agent_service.openai.max_retries",
+                u64::from(self.openai.max_retries),
+                0,
+                20,
+            ),
+            (
+                "agent_service.openai.retry_initial_ms",
+                self.openai.retry_initial_ms,
+                1,
+                60_000,
+            ),
+            (
+                "agent_service.openai.retry_max_ms",
+                self.openai.retry_max_ms,
+                1,
+                600_000,
+            ),
+            (
+                "agent_service.openai.connect_timeout_ms",
+                self.openai.connect_timeout_ms,
+                1,
+                600_000,
+            ),
+        ] {
+            check(
+                (min..=max).contains(&value),
+                key,
+                value.to_string(),
+                &format!("must be between {min} and {max}"),
+            );
+        }
+        if let Some(base_url) = &self.openai.base_url {
+            check(
+                base_url.starts_with("http://") || base_url.starts_with("https://"),
+                "agent_service.openai.base_url",
+                format!("{:?}", mask_url(base_url)),
+                "must start with http:// or https://",
+            );
+        }
+        check(
+            !self.openai.api_key_env.trim().is_empty(),
+            "agent_service.openai.api_key_env",
+            format!("{:?}", self.openai.api_key_env),
+            "must not be empty",
+        );
+        check(
+            !self.openai.label.trim().is_empty() && self.openai.label.len() <= 64,
+            "agent_service.openai.label",
+            format!("{:?}", self.openai.label),
+            "must be 1 to 64 bytes",
+        );
+        for model in &self.openai.models {
+            check(
+                !model.trim().is_empty() && model.len() <= 256,
+                "agent_service.openai.models",
+                format!("{model:?}"),
+                "each model must be 1 to 256 bytes",
+            );
+        }
+    }
+}
+
 /// Log format.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -223,6 +510,7 @@ impl Default for Settings {
             config_service: ConfigServiceSettings::default(),
             cache: CacheServiceSettings::default(),
             audit: AuditSettings::default(),
+            agent_service: AgentServiceSettings::default(),
             telemetry: TelemetrySettings::default(),
             defaults: LiveSettings::default(),
         }
@@ -390,6 +678,11 @@ impl Settings {
                 Env::raw()
                     .only(&["DEFAULT_TEMPERATURE"])
                     .map(|_| "defaults.agent.temperature".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["OPENAI_BASE_URL"])
+                    .map(|_| "agent_service.openai.base_url".into()),
             )
             .merge(
                 Env::prefixed("AGENTMESH_")
@@ -676,6 +969,7 @@ impl Settings {
             self.audit.group_commit_max_events.to_string(),
             "must be at least audit.max_batch_events (a batch is committed whole)",
         );
+        self.agent_service.validate(&mut check);
         for violation in self.defaults.to_values().validate() {
             violations.push(Violation {
                 key: format!("defaults.{}", violation.field),
@@ -838,6 +1132,42 @@ mod tests {
                 .audit
                 .effective_signing_key_file(Path::new("/d")),
             PathBuf::from("/d/audit-signing-key")
+        );
+    }
+
+    #[test]
+    fn agent_service_section_validates_and_picks_provider() {
+        let mut settings = Settings::default();
+        assert_eq!(
+            settings.agent_service.effective_provider(),
+            ProviderKind::Local
+        );
+        settings.agent_service.openai.base_url = Some("http://127.0.0.1:8000/v1".into());
+        assert_eq!(
+            settings.agent_service.effective_provider(),
+            ProviderKind::Openai
+        );
+        settings.agent_service.provider = Some(ProviderKind::Local);
+        assert_eq!(
+            settings.agent_service.effective_provider(),
+            ProviderKind::Local
+        );
+        settings.agent_service.openai.base_url = Some("ftp://x".into());
+        settings.agent_service.max_concurrent_executions = 0;
+        settings.agent_service.node_id = Some(String::new());
+        let keys: Vec<_> = settings
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|v| v.key)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "agent_service.node_id",
+                "agent_service.max_concurrent_executions",
+                "agent_service.openai.base_url"
+            ]
         );
     }
 

@@ -13,5 +13,8 @@
 pub mod bootstrap;
 pub mod live;
 
-pub use bootstrap::{CacheServiceSettings, LoadError, LogFormat, Settings, Violation};
+pub use bootstrap::{
+    AgentServiceSettings, CacheServiceSettings, LoadError, LogFormat, ProviderKind, SanitizePolicy,
+    Settings, Violation,
+};
 pub use live::{LiveSettings, Scope};
