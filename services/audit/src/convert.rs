@@ -87,6 +87,15 @@ fn check_length(
     min: usize,
     max: usize,
 ) {
+    if value.contains('\0') {
+        // PostgreSQL text cannot store NUL; refuse it on every backend.
+        violations.push(FieldViolation::new(
+            field,
+            quoted(value),
+            "must not contain NUL characters",
+        ));
+        return;
+    }
     if value.len() < min || value.len() > max {
         let rule = if min == 0 {
             format!("must be at most {max} bytes")
@@ -643,5 +652,11 @@ mod tests {
         .unwrap_err();
         assert_eq!(violations[0].field, "events");
         assert!(batch_from_wire(Vec::new(), &small, None).is_err());
+
+        let mut nul = valid_event("e");
+        nul.action = "a\0b".into();
+        let violations = batch_from_wire(vec![nul], &small, None).unwrap_err();
+        assert_eq!(violations[0].field, "events[0].action");
+        assert!(violations[0].rule.contains("NUL"));
     }
 }

@@ -7,11 +7,30 @@ use agentmesh_db::sea_orm::{ConnectionTrait, DbBackend, DbErr, QueryResult, Stat
 use crate::chain::{self, Hash, Timestamp};
 use crate::model::{Checkpoint, Entry, Event, Order, QueryFilter};
 
-/// Rows per multi-row INSERT: 17 parameters each stays far below both
+/// Most rows per multi-row INSERT: 17 parameters each stays far below both
 /// databases' parameter limits.
-const INSERT_CHUNK: usize = 500;
-/// Event ids per `IN (...)` lookup.
-const LOOKUP_CHUNK: usize = 500;
+const INSERT_CHUNK: usize = 512;
+/// Most event ids per `IN (...)` lookup.
+const LOOKUP_CHUNK: usize = 512;
+
+/// Splits `items` into chunks whose lengths are powers of two (at most
+/// `max`, itself a power of two). The drivers prepare and cache each
+/// distinct SQL text; with one text per row count, group commits of every
+/// size would thrash PostgreSQL's statement cache and re-plan big
+/// statements on every commit. Powers of two keep it to a dozen texts.
+fn power_of_two_chunks<T>(mut items: &[T], max: usize) -> Vec<&[T]> {
+    let mut chunks = Vec::new();
+    while !items.is_empty() {
+        let mut size = max;
+        while size > items.len() {
+            size /= 2;
+        }
+        let (chunk, rest) = items.split_at(size);
+        chunks.push(chunk);
+        items = rest;
+    }
+    chunks
+}
 
 const ENTRY_COLUMNS: &str = "sequence, event_id, occurred_at_seconds, occurred_at_nanos, \
      recorded_at_seconds, recorded_at_nanos, agent_type, action, user_id, project_id, \
@@ -162,10 +181,31 @@ pub async fn find_by_event_ids<C: ConnectionTrait>(
     connection: &C,
     event_ids: &[&str],
 ) -> Result<Vec<Entry>, DbErr> {
+    if connection.get_database_backend() == DbBackend::Postgres {
+        // One JSON parameter and one statement text whatever the group size:
+        // PostgreSQL spends far more on binding and planning thousands of
+        // parameters than on parsing one JSON array.
+        let mut params = Params::new(DbBackend::Postgres);
+        let ids = params.bind(serde_json::to_string(event_ids).unwrap_or_default());
+        let sql = format!(
+            "SELECT {ENTRY_COLUMNS} FROM audit_entries \
+             WHERE event_id IN (SELECT json_array_elements_text({ids}::json))"
+        );
+        let rows = connection.query_all_raw(params.statement(sql)).await?;
+        return decode_entries(&rows);
+    }
     let mut found = Vec::new();
     for chunk in event_ids.chunks(LOOKUP_CHUNK) {
         let mut params = Params::new(connection.get_database_backend());
-        let placeholders: Vec<String> = chunk.iter().map(|id| params.bind(*id)).collect();
+        // Padded with the last id to a power of two: few distinct texts.
+        let padded = chunk.len().next_power_of_two();
+        let last = chunk.last().copied().unwrap_or_default();
+        let placeholders: Vec<String> = chunk
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n(last, padded - chunk.len()))
+            .map(|id| params.bind(id))
+            .collect();
         let sql = format!(
             "SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE event_id IN ({})",
             placeholders.join(", ")
@@ -181,7 +221,10 @@ pub async fn insert_entries<C: ConnectionTrait>(
     connection: &C,
     entries: &[Entry],
 ) -> Result<(), DbErr> {
-    for chunk in entries.chunks(INSERT_CHUNK) {
+    if connection.get_database_backend() == DbBackend::Postgres {
+        return insert_entries_postgres(connection, entries).await;
+    }
+    for chunk in power_of_two_chunks(entries, INSERT_CHUNK) {
         let mut params = Params::new(connection.get_database_backend());
         let mut rows = Vec::with_capacity(chunk.len());
         for entry in chunk {
@@ -213,6 +256,51 @@ pub async fn insert_entries<C: ConnectionTrait>(
         );
         connection.execute_raw(params.statement(sql)).await?;
     }
+    Ok(())
+}
+
+/// PostgreSQL: the whole group as one JSON parameter, unpacked by
+/// `json_to_recordset` (one cached statement, one round trip).
+async fn insert_entries_postgres<C: ConnectionTrait>(
+    connection: &C,
+    entries: &[Entry],
+) -> Result<(), DbErr> {
+    let rows: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|entry| {
+            let event = &entry.event;
+            serde_json::json!({
+                "sequence": entry.sequence,
+                "event_id": event.event_id,
+                "occurred_at_seconds": event.occurred_at.seconds,
+                "occurred_at_nanos": event.occurred_at.nanos,
+                "recorded_at_seconds": entry.recorded_at.seconds,
+                "recorded_at_nanos": entry.recorded_at.nanos,
+                "agent_type": event.agent_type,
+                "action": event.action,
+                "user_id": event.user_id,
+                "project_id": event.project_id,
+                "workflow_id": event.workflow_id,
+                "trace_id": event.trace_id,
+                "outcome": event.outcome,
+                "context": event.context_json,
+                "context_hash": hex::encode(event.context_hash),
+                "prev_hash": hex::encode(entry.prev_hash),
+                "entry_hash": hex::encode(entry.entry_hash),
+            })
+        })
+        .collect();
+    let mut params = Params::new(DbBackend::Postgres);
+    let json = params.bind(serde_json::Value::Array(rows).to_string());
+    let sql = format!(
+        "INSERT INTO audit_entries ({ENTRY_COLUMNS}) SELECT {ENTRY_COLUMNS} \
+         FROM json_to_recordset({json}::json) AS r(sequence bigint, event_id text, \
+         occurred_at_seconds bigint, occurred_at_nanos integer, recorded_at_seconds bigint, \
+         recorded_at_nanos integer, agent_type text, action text, user_id text, project_id text, \
+         workflow_id text, trace_id text, outcome integer, context text, context_hash text, \
+         prev_hash text, entry_hash text)"
+    );
+    connection.execute_raw(params.statement(sql)).await?;
     Ok(())
 }
 
@@ -418,4 +506,21 @@ pub async fn checkpoints_in_range<C: ConnectionTrait>(
     );
     let rows = connection.query_all_raw(params.statement(sql)).await?;
     rows.iter().map(decode_checkpoint).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_powers_of_two_covering_everything() {
+        let items: Vec<u32> = (0..1300).collect();
+        let sizes: Vec<usize> = power_of_two_chunks(&items, 512)
+            .iter()
+            .map(|chunk| chunk.len())
+            .collect();
+        assert_eq!(sizes, [512, 512, 256, 16, 4]);
+        assert!(power_of_two_chunks::<u32>(&[], 512).is_empty());
+        assert_eq!(power_of_two_chunks(&items[..3], 512).len(), 2);
+    }
 }
