@@ -13,6 +13,36 @@ const INSERT_CHUNK: usize = 512;
 /// Most event ids per `IN (...)` lookup.
 const LOOKUP_CHUNK: usize = 512;
 
+/// Largest JSON parameter per PostgreSQL statement. sqlx does not set
+/// TCP_NODELAY, and a message bigger than the socket's initial send buffer
+/// (16 KiB on Linux) leaves its tail to Nagle's algorithm, which waits for
+/// the server's delayed ACK: a 40 ms stall per statement. Measured: group
+/// commits of 31 events took 45 ms, 1.3 ms of it in PostgreSQL. Keeping each
+/// statement under this bound costs a round trip per 12 KiB instead.
+const MAX_JSON_PARAM_BYTES: usize = 12 * 1024;
+
+/// Joins JSON values into arrays of at most [`MAX_JSON_PARAM_BYTES`] (a
+/// single larger value travels alone).
+fn json_arrays_within_budget(values: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut arrays = Vec::new();
+    let mut current = String::from("[");
+    for value in values {
+        if current.len() > 1 && current.len() + value.len() + 2 > MAX_JSON_PARAM_BYTES {
+            current.push(']');
+            arrays.push(std::mem::replace(&mut current, String::from("[")));
+        }
+        if current.len() > 1 {
+            current.push(',');
+        }
+        current.push_str(&value);
+    }
+    if current.len() > 1 {
+        current.push(']');
+        arrays.push(current);
+    }
+    arrays
+}
+
 /// Splits `items` into chunks whose lengths are powers of two (at most
 /// `max`, itself a power of two). The drivers prepare and cache each
 /// distinct SQL text; with one text per row count, group commits of every
@@ -185,14 +215,21 @@ pub async fn find_by_event_ids<C: ConnectionTrait>(
         // One JSON parameter and one statement text whatever the group size:
         // PostgreSQL spends far more on binding and planning thousands of
         // parameters than on parsing one JSON array.
-        let mut params = Params::new(DbBackend::Postgres);
-        let ids = params.bind(serde_json::to_string(event_ids).unwrap_or_default());
-        let sql = format!(
-            "SELECT {ENTRY_COLUMNS} FROM audit_entries \
-             WHERE event_id IN (SELECT json_array_elements_text({ids}::json))"
-        );
-        let rows = connection.query_all_raw(params.statement(sql)).await?;
-        return decode_entries(&rows);
+        let mut found = Vec::new();
+        let ids = event_ids
+            .iter()
+            .map(|id| serde_json::Value::from(*id).to_string());
+        for array in json_arrays_within_budget(ids) {
+            let mut params = Params::new(DbBackend::Postgres);
+            let ids = params.bind(array);
+            let sql = format!(
+                "SELECT {ENTRY_COLUMNS} FROM audit_entries \
+                 WHERE event_id IN (SELECT json_array_elements_text({ids}::json))"
+            );
+            let rows = connection.query_all_raw(params.statement(sql)).await?;
+            found.extend(decode_entries(&rows)?);
+        }
+        return Ok(found);
     }
     let mut found = Vec::new();
     for chunk in event_ids.chunks(LOOKUP_CHUNK) {
@@ -259,8 +296,9 @@ pub async fn insert_entries<C: ConnectionTrait>(
     Ok(())
 }
 
-/// PostgreSQL: the whole group as one JSON parameter, unpacked by
-/// `json_to_recordset` (one cached statement, one round trip).
+/// PostgreSQL: the group as JSON parameters of at most
+/// [`MAX_JSON_PARAM_BYTES`], unpacked by `json_to_recordset` (one cached
+/// statement text).
 async fn insert_entries_postgres<C: ConnectionTrait>(
     connection: &C,
     entries: &[Entry],
@@ -290,17 +328,19 @@ async fn insert_entries_postgres<C: ConnectionTrait>(
             })
         })
         .collect();
-    let mut params = Params::new(DbBackend::Postgres);
-    let json = params.bind(serde_json::Value::Array(rows).to_string());
-    let sql = format!(
-        "INSERT INTO audit_entries ({ENTRY_COLUMNS}) SELECT {ENTRY_COLUMNS} \
+    for array in json_arrays_within_budget(rows.iter().map(ToString::to_string)) {
+        let mut params = Params::new(DbBackend::Postgres);
+        let json = params.bind(array);
+        let sql = format!(
+            "INSERT INTO audit_entries ({ENTRY_COLUMNS}) SELECT {ENTRY_COLUMNS} \
          FROM json_to_recordset({json}::json) AS r(sequence bigint, event_id text, \
          occurred_at_seconds bigint, occurred_at_nanos integer, recorded_at_seconds bigint, \
          recorded_at_nanos integer, agent_type text, action text, user_id text, project_id text, \
          workflow_id text, trace_id text, outcome integer, context text, context_hash text, \
          prev_hash text, entry_hash text)"
-    );
-    connection.execute_raw(params.statement(sql)).await?;
+        );
+        connection.execute_raw(params.statement(sql)).await?;
+    }
     Ok(())
 }
 
@@ -506,6 +546,30 @@ pub async fn checkpoints_in_range<C: ConnectionTrait>(
     );
     let rows = connection.query_all_raw(params.statement(sql)).await?;
     rows.iter().map(decode_checkpoint).collect()
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn json_arrays_stay_within_budget_and_keep_every_value() {
+        let values: Vec<String> = (0..100)
+            .map(|i| format!("\"{}\"", "x".repeat(300 + i)))
+            .collect();
+        let arrays = json_arrays_within_budget(values.clone());
+        assert!(arrays.len() > 1);
+        let mut seen = Vec::new();
+        for array in &arrays {
+            assert!(array.len() <= MAX_JSON_PARAM_BYTES, "{}", array.len());
+            let parsed: Vec<String> = serde_json::from_str(array).unwrap();
+            seen.extend(parsed.into_iter().map(|v| format!("\"{v}\"")));
+        }
+        assert_eq!(seen, values);
+        let big = "y".repeat(MAX_JSON_PARAM_BYTES * 2);
+        assert_eq!(json_arrays_within_budget([format!("\"{big}\"")]).len(), 1);
+        assert!(json_arrays_within_budget(Vec::<String>::new()).is_empty());
+    }
 }
 
 #[cfg(test)]
