@@ -477,18 +477,21 @@ impl AgentCore {
         if !missing.is_empty() {
             return Err(AgentError::Invalid(missing));
         }
-        let (source, template_field) = match &spec.template_override {
-            Some(source) => (
-                source.as_str(),
-                format!("{}.template_override", context.field),
+        let rendered = match &spec.template_override {
+            Some(source) => template::render(
+                source,
+                &values,
+                &format!("{}.template_override", context.field),
+                &variables_field,
             ),
-            None => (
-                agent.prompt_template.as_str(),
-                format!("agent {:?} template", agent.agent_type),
+            None => template::render_catalogue(
+                &agent.prompt_template,
+                &values,
+                &format!("agent {:?} template", agent.agent_type),
+                &variables_field,
             ),
-        };
-        let rendered = template::render(source, &values, &template_field, &variables_field)
-            .map_err(AgentError::Invalid)?;
+        }
+        .map_err(AgentError::Invalid)?;
         let mut messages = Vec::with_capacity(2);
         if !agent.system_prompt.is_empty() {
             messages.push(ChatMessage {

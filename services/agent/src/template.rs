@@ -4,7 +4,8 @@
 //! plain text; the sanitiser decides about markup), and rendering has a
 //! fuel budget so a template override cannot loop for long.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use agentmesh_resilience::FieldViolation;
 use minijinja::{Environment, UndefinedBehavior};
@@ -40,6 +41,65 @@ fn variables_of(env: &Environment<'_>, template: &minijinja::Template<'_, '_>) -
         .collect()
 }
 
+/// Most catalogue templates kept compiled; beyond, templates compile per call.
+const MAX_COMPILED_TEMPLATES: usize = 256;
+
+/// A catalogue template compiled once: its environment (holding the
+/// template as "t") and the variables it reads.
+struct Compiled {
+    env: Environment<'static>,
+    variables: BTreeSet<String>,
+}
+
+/// Compiled catalogue templates by source text. Lexing and parsing showed
+/// in profiles of every execution; the catalogue is fixed at start-up, so
+/// its few sources are compiled once (and their text kept for the process).
+fn compiled_catalogue_template(source: &str) -> Option<Arc<Compiled>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Arc<Compiled>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut entries = cache.lock().ok()?;
+    if let Some(compiled) = entries.get(source) {
+        return Some(Arc::clone(compiled));
+    }
+    if entries.len() >= MAX_COMPILED_TEMPLATES {
+        return None;
+    }
+    let leaked: &'static str = Box::leak(source.to_owned().into_boxed_str());
+    let mut env = environment();
+    env.add_template("t", leaked).ok()?;
+    let variables = variables_of(&env, &env.get_template("t").ok()?);
+    let compiled = Arc::new(Compiled { env, variables });
+    entries.insert(source.to_owned(), Arc::clone(&compiled));
+    Some(compiled)
+}
+
+/// Renders a catalogue template (compiled once per process) with `values`;
+/// arguments as in [`render`].
+pub fn render_catalogue(
+    source: &str,
+    values: &BTreeMap<String, String>,
+    field: &str,
+    variables_field: &str,
+) -> Result<String, Vec<FieldViolation>> {
+    let Some(compiled) = compiled_catalogue_template(source) else {
+        return render(source, values, field, variables_field);
+    };
+    let template = compiled.env.get_template("t").map_err(|error| {
+        vec![FieldViolation::new(
+            field,
+            "template",
+            format!("must be a valid template: {error}"),
+        )]
+    })?;
+    finish_render(
+        &template,
+        &compiled.variables,
+        values,
+        field,
+        variables_field,
+    )
+}
+
 /// Renders `source` with `values`; `field` names the template in errors
 /// (e.g. `spec.template_override`) and `variables_field` the variables.
 pub fn render(
@@ -56,9 +116,20 @@ pub fn render(
             format!("must be a valid template: {error}"),
         )]
     })?;
-    let missing: Vec<FieldViolation> = variables_of(&env, &template)
-        .into_iter()
-        .filter(|name| !values.contains_key(name))
+    let variables = variables_of(&env, &template);
+    finish_render(&template, &variables, values, field, variables_field)
+}
+
+fn finish_render(
+    template: &minijinja::Template<'_, '_>,
+    variables: &BTreeSet<String>,
+    values: &BTreeMap<String, String>,
+    field: &str,
+    variables_field: &str,
+) -> Result<String, Vec<FieldViolation>> {
+    let missing: Vec<FieldViolation> = variables
+        .iter()
+        .filter(|name| !values.contains_key(name.as_str()))
         .map(|name| {
             FieldViolation::new(
                 format!("{variables_field}.{name}"),
@@ -149,5 +220,25 @@ mod tests {
             render("{{ a }}", &values(&[("a", "a < b")]), "t", "v").unwrap(),
             "a < b"
         );
+    }
+
+    #[test]
+    fn catalogue_templates_render_like_uncached_ones_and_report_missing_variables() {
+        let source = "Task: {{ task }} for {{ project }}";
+        let filled = values(&[("task", "add"), ("project", "p1")]);
+        let first = render_catalogue(source, &filled, "agent template", "spec.variables").unwrap();
+        let again = render_catalogue(source, &filled, "agent template", "spec.variables").unwrap();
+        assert_eq!(first, "Task: add for p1");
+        assert_eq!(again, first);
+        assert_eq!(render(source, &filled, "t", "v").unwrap(), first);
+        let violations = render_catalogue(
+            source,
+            &values(&[("task", "add")]),
+            "agent template",
+            "spec.variables",
+        )
+        .unwrap_err();
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].field, "spec.variables.project");
     }
 }
