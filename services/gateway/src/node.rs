@@ -270,3 +270,51 @@ pub fn pick<'a>(
     };
     Some((chosen, &nodes[chosen]))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> BreakerConfig {
+        BreakerConfig {
+            failure_threshold: 2,
+            reset_timeout: Duration::from_secs(300),
+        }
+    }
+
+    #[tokio::test]
+    async fn picks_the_less_loaded_node_and_skips_open_breakers() {
+        let nodes: Vec<Arc<Node>> = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+            .into_iter()
+            .map(|endpoint| Arc::new(Node::new(endpoint, config(), 1 << 20).unwrap()))
+            .collect();
+        let busy: Vec<InFlight> = (0..3).map(|_| nodes[0].start_call()).collect();
+        assert_eq!(nodes[0].in_flight(), 3);
+        for _ in 0..20 {
+            assert_eq!(pick(&nodes, &[], config()).unwrap().0, 1);
+        }
+        assert_eq!(pick(&nodes, &[1], config()).unwrap().0, 0);
+        drop(busy);
+        assert_eq!(nodes[0].in_flight(), 0);
+
+        let breaker = nodes[1].breaker(config());
+        for _ in 0..2 {
+            let _ = breaker.call(async { Err::<(), _>("down") }).await;
+        }
+        assert_eq!(nodes[1].state(config()).state, BreakerState::Open);
+        for _ in 0..20 {
+            assert_eq!(pick(&nodes, &[], config()).unwrap().0, 0);
+        }
+        assert!(pick(&nodes, &[0], config()).is_none());
+
+        // New live settings rebuild the breaker closed.
+        let changed = BreakerConfig {
+            failure_threshold: 3,
+            ..config()
+        };
+        let state = nodes[1].state(changed);
+        assert_eq!(state.state, BreakerState::Closed);
+        assert!(state.opened_at.is_none());
+        assert_eq!(pick(&nodes, &[0], changed).unwrap().0, 1);
+    }
+}

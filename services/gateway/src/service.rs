@@ -781,3 +781,72 @@ fn timestamp(time: SystemTime) -> prost_types::Timestamp {
 fn trace_id() -> String {
     agentmesh_telemetry::propagation::current_trace_id().unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_node_health_failures_count() {
+        let counted = |code: Code, deadline: Option<Instant>| {
+            classify::<()>(Err(Status::new(code, "x")), deadline).is_err()
+        };
+        let later = Some(Instant::now() + Duration::from_secs(60));
+        let passed = Some(Instant::now());
+        for code in [
+            Code::Unavailable,
+            Code::ResourceExhausted,
+            Code::DeadlineExceeded,
+            Code::Unknown,
+        ] {
+            assert!(counted(code, None), "{code:?}");
+            assert!(counted(code, later), "{code:?}");
+            assert!(
+                !counted(code, passed),
+                "{code:?} after the caller's deadline"
+            );
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::FailedPrecondition,
+            Code::PermissionDenied,
+        ] {
+            assert!(!counted(code, None), "{code:?}");
+        }
+        assert!(matches!(classify(Ok(1), None), Ok(Ok(1))));
+    }
+
+    #[test]
+    fn node_field_paths_are_renamed_to_the_gateway_request() {
+        let status = agentmesh_resilience::invalid_argument(&[FieldViolation::new(
+            "spec.variables.x",
+            "\"x\"",
+            "is not a variable",
+        )]);
+        let GatewayError::Upstream(renamed) = upstream(status, None, "tasks[2]") else {
+            panic!("not passed through");
+        };
+        assert_eq!(renamed.code(), Code::InvalidArgument);
+        assert_eq!(
+            renamed.message(),
+            "invalid request: tasks[2].variables.x = \"x\": is not a variable"
+        );
+        let details = renamed.get_error_details();
+        assert_eq!(
+            details.bad_request().unwrap().field_violations[0].field,
+            "tasks[2].variables.x"
+        );
+    }
+
+    #[test]
+    fn the_working_deadline_leaves_a_bounded_margin() {
+        let now = Instant::now();
+        let far = now + Duration::from_secs(10);
+        let near = now + Duration::from_millis(100);
+        assert!(working_deadline(Some(far)).unwrap() >= far - Duration::from_millis(20));
+        assert!(working_deadline(Some(near)).unwrap() >= near - Duration::from_millis(5));
+        assert!(working_deadline(Some(near)).unwrap() < near);
+        assert!(working_deadline(None).is_none());
+    }
+}
