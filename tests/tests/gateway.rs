@@ -4,13 +4,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use agentmesh_proto::common;
+use agentmesh_proto::config as config_pb;
 use agentmesh_proto::gateway as pb;
 use agentmesh_proto::gateway::gateway_service_client::GatewayServiceClient;
 use agentmesh_settings::{GatewayFallback, Settings};
 use agentmesh_tests::gateway_node::{AgentFleet, GatewayNode};
+use agentmesh_tests::{Backend, ConfigNode, TestDatabase};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -262,7 +263,11 @@ async fn a_caller_deadline_shorter_than_a_slow_node_is_deadline_exceeded() -> an
         let mut request = tonic::Request::new(pb::ExecuteTaskRequest {
             task: Some(task("coder", "slow")),
         });
-        request.set_timeout(Duration::from_millis(300));
+        // The deadline travels as `grpc-timeout`; the client does not race
+        // its own timer, so the code seen is the gateway's.
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", "300m".parse().unwrap());
         let status = client.execute_task(request).await.unwrap_err();
         assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     }
@@ -377,4 +382,76 @@ async fn stream(
         completion.ok_or_else(|| anyhow::anyhow!("no completion"))?,
         node_id,
     ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_thresholds_changed_in_the_config_service_apply_without_restart()
+-> anyhow::Result<()> {
+    let db = TestDatabase::new(Backend::Sqlite)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("cannot create a temp dir"))?;
+    let config = ConfigNode::start(&db.settings).await?;
+    let fleet = AgentFleet::start(1, |_, _| {}).await?;
+    // A second endpoint where nothing listens.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        format!("http://{}", listener.local_addr()?)
+    };
+    let dir = tempfile::tempdir()?;
+    let mut settings = gateway_settings(dir.path(), &[fleet.endpoints[0].clone(), dead.clone()]);
+    settings.endpoints.config = config.endpoint();
+    let gateway = GatewayNode::start(&settings).await?;
+    let mut client = gateway.client().await?;
+
+    // The config service's global scope says 5 failures (its default).
+    let mut seen_failure = false;
+    for round in 0..200 {
+        let response = execute(&mut client, task("coder", &format!("a{round}"))).await?;
+        assert!(!response.degraded);
+        let dead_node = circuit_of(&circuits(&mut client).await, &dead).clone();
+        if dead_node.consecutive_failures >= 1 {
+            assert_eq!(dead_node.state, common::CircuitState::Closed as i32);
+            seen_failure = true;
+            break;
+        }
+    }
+    assert!(seen_failure, "the dead node was never tried");
+
+    config
+        .client()
+        .await?
+        .update(config_pb::UpdateRequest {
+            scope: "global".into(),
+            settings: Some(config_pb::Settings {
+                breaker: Some(config_pb::BreakerSettings {
+                    failure_threshold: Some(1),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            author: "tests".into(),
+            reason: "open faster".into(),
+            ..Default::default()
+        })
+        .await?;
+    // With a threshold of 1, one failure opens the breaker (under 5 an
+    // open breaker would show 5).
+    let mut opened = None;
+    for round in 0..400 {
+        let response = execute(&mut client, task("coder", &format!("b{round}"))).await?;
+        assert!(!response.degraded);
+        let dead_node = circuit_of(&circuits(&mut client).await, &dead).clone();
+        if dead_node.state == common::CircuitState::Open as i32 {
+            opened = Some(dead_node);
+            break;
+        }
+    }
+    let opened = opened.expect("the dead node's breaker never opened");
+    assert_eq!(opened.consecutive_failures, 1, "{opened:?}");
+
+    gateway.stop().await?;
+    fleet.shutdown().await?;
+    config.stop().await?;
+    db.cleanup().await;
+    Ok(())
 }
