@@ -11,6 +11,7 @@
 pub mod agent_node;
 pub mod audit;
 pub mod cache;
+pub mod gateway_node;
 pub mod llm_server;
 
 use std::net::SocketAddr;

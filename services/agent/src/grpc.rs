@@ -89,8 +89,9 @@ fn check_id(
     }
 }
 
-/// Checks the shape of a wire spec and converts it.
-fn spec_from_wire(
+/// Checks the shape of a wire spec and converts it (the gateway checks its
+/// tasks with it too).
+pub fn spec_from_wire(
     spec: Option<pb::ExecutionSpec>,
     field: &str,
 ) -> Result<ExecuteSpec, Vec<FieldViolation>> {

@@ -440,70 +440,13 @@ impl AgentCore {
         spec: &ExecuteSpec,
         context: &CallContext,
     ) -> Result<(BTreeMap<String, String>, Vec<ChatMessage>), AgentError> {
-        let agent = self
-            .catalogue
-            .get(&spec.agent_type)
-            .ok_or_else(|| AgentError::UnknownAgent(spec.agent_type.clone()))?;
-        let variables_field = format!("{}.variables", context.field);
-        let mut values = if context.presanitised {
-            spec.variables.clone()
-        } else {
-            sanitize::check(
-                &spec.variables,
-                &agent.limits(),
-                self.settings.sanitize_policy,
-                &variables_field,
-                &spec.agent_type,
-            )
-            .map_err(AgentError::Invalid)?
-        };
-        let mut missing = Vec::new();
-        for variable in &agent.variables {
-            if values.contains_key(&variable.name) {
-                continue;
-            }
-            match &variable.default_value {
-                Some(default) => {
-                    values.insert(variable.name.clone(), default.clone());
-                }
-                None if variable.required => missing.push(FieldViolation::new(
-                    format!("{variables_field}.{}", variable.name),
-                    "missing",
-                    "is required",
-                )),
-                None => {}
-            }
-        }
-        if !missing.is_empty() {
-            return Err(AgentError::Invalid(missing));
-        }
-        let rendered = match &spec.template_override {
-            Some(source) => template::render(
-                source,
-                &values,
-                &format!("{}.template_override", context.field),
-                &variables_field,
-            ),
-            None => template::render_catalogue(
-                &agent.prompt_template,
-                &values,
-                &format!("agent {:?} template", agent.agent_type),
-                &variables_field,
-            ),
-        }
-        .map_err(AgentError::Invalid)?;
-        let mut messages = Vec::with_capacity(2);
-        if !agent.system_prompt.is_empty() {
-            messages.push(ChatMessage {
-                role: "system".to_owned(),
-                content: agent.system_prompt.clone(),
-            });
-        }
-        messages.push(ChatMessage {
-            role: "user".to_owned(),
-            content: rendered,
-        });
-        Ok((values, messages))
+        render_messages(
+            &self.catalogue,
+            self.settings.sanitize_policy,
+            spec,
+            &context.field,
+            context.presanitised,
+        )
     }
 
     /// Runs one execution; streams deltas into `deltas` when given.
@@ -920,6 +863,83 @@ impl AgentCore {
     pub fn sanitize_policy(&self) -> SanitizePolicy {
         self.settings.sanitize_policy
     }
+}
+
+/// Checks and renders a task into the chat messages sent to a provider:
+/// sanitises its variables under `policy`, fills declared defaults, and
+/// renders the catalogue template (or the override). `field` prefixes
+/// violation paths; `presanitised` skips the variable checks (replays).
+/// The gateway's fallback agent renders through this too.
+pub fn render_messages(
+    catalogue: &Catalogue,
+    policy: SanitizePolicy,
+    spec: &ExecuteSpec,
+    field: &str,
+    presanitised: bool,
+) -> Result<(BTreeMap<String, String>, Vec<ChatMessage>), AgentError> {
+    let agent = catalogue
+        .get(&spec.agent_type)
+        .ok_or_else(|| AgentError::UnknownAgent(spec.agent_type.clone()))?;
+    let variables_field = format!("{field}.variables");
+    let mut values = if presanitised {
+        spec.variables.clone()
+    } else {
+        sanitize::check(
+            &spec.variables,
+            &agent.limits(),
+            policy,
+            &variables_field,
+            &spec.agent_type,
+        )
+        .map_err(AgentError::Invalid)?
+    };
+    let mut missing = Vec::new();
+    for variable in &agent.variables {
+        if values.contains_key(&variable.name) {
+            continue;
+        }
+        match &variable.default_value {
+            Some(default) => {
+                values.insert(variable.name.clone(), default.clone());
+            }
+            None if variable.required => missing.push(FieldViolation::new(
+                format!("{variables_field}.{}", variable.name),
+                "missing",
+                "is required",
+            )),
+            None => {}
+        }
+    }
+    if !missing.is_empty() {
+        return Err(AgentError::Invalid(missing));
+    }
+    let rendered = match &spec.template_override {
+        Some(source) => template::render(
+            source,
+            &values,
+            &format!("{field}.template_override"),
+            &variables_field,
+        ),
+        None => template::render_catalogue(
+            &agent.prompt_template,
+            &values,
+            &format!("agent {:?} template", agent.agent_type),
+            &variables_field,
+        ),
+    }
+    .map_err(AgentError::Invalid)?;
+    let mut messages = Vec::with_capacity(2);
+    if !agent.system_prompt.is_empty() {
+        messages.push(ChatMessage {
+            role: "system".to_owned(),
+            content: agent.system_prompt.clone(),
+        });
+    }
+    messages.push(ChatMessage {
+        role: "user".to_owned(),
+        content: rendered,
+    });
+    Ok((values, messages))
 }
 
 /// A fresh execution id.

@@ -16,6 +16,7 @@ use agentmesh_proto::cache as cache_pb;
 use agentmesh_proto::cache::cache_service_client::CacheServiceClient;
 use agentmesh_proto::config::GetEffectiveRequest;
 use agentmesh_proto::config::config_service_client::ConfigServiceClient;
+use agentmesh_proto::gateway::gateway_service_client::GatewayServiceClient;
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use tonic::Code;
@@ -44,10 +45,10 @@ pub struct BenchArgs {
     /// HTTP/2 connections shared by the callers.
     #[arg(long, default_value_t = 1)]
     pub connections: u32,
-    /// Agent type for config.get-effective and agent.execute.
+    /// Agent type for config.get-effective, agent.execute and gateway.execute.
     #[arg(long, default_value = "")]
     pub agent_type: String,
-    /// Project id for config.get-effective and agent.execute.
+    /// Project id for config.get-effective, agent.execute and gateway.execute.
     #[arg(long, default_value = "")]
     pub project_id: String,
     /// For cache.get: the level every read must hit (set up before the run;
@@ -89,6 +90,10 @@ pub enum BenchRpc {
     /// coder; `--project-id`, default bench).
     #[value(name = "agent.execute")]
     AgentExecute,
+    /// agentmesh.gateway.v1.GatewayService/ExecuteTask (same task as
+    /// agent.execute; point --target at the gateway).
+    #[value(name = "gateway.execute")]
+    GatewayExecute,
 }
 
 /// Which level cache.get reads must hit.
@@ -118,6 +123,7 @@ impl BenchRpc {
             BenchRpc::CacheSet => "cache.set",
             BenchRpc::AuditAppend => "audit.append",
             BenchRpc::AgentExecute => "agent.execute",
+            BenchRpc::GatewayExecute => "gateway.execute",
         }
     }
 }
@@ -234,7 +240,8 @@ async fn call(
         BenchRpc::Health
         | BenchRpc::ConfigGetEffective
         | BenchRpc::AuditAppend
-        | BenchRpc::AgentExecute => call_returning_code(rpc, channel, args)
+        | BenchRpc::AgentExecute
+        | BenchRpc::GatewayExecute => call_returning_code(rpc, channel, args)
             .await
             .map_err(agentmesh_telemetry::code_name),
     }
@@ -281,32 +288,50 @@ async fn call_returning_code(
             };
             result.map_err(|status| status.code())
         }
-        BenchRpc::AgentExecute => {
-            let spec = agentmesh_proto::agent::ExecutionSpec {
-                agent_type: if args.agent_type.is_empty() {
-                    "coder".to_owned()
-                } else {
-                    args.agent_type.clone()
-                },
-                variables: [(
-                    "task".to_owned(),
-                    "write a function that adds two numbers".to_owned(),
-                )]
-                .into_iter()
-                .collect(),
-                project_id: if args.project_id.is_empty() {
-                    "bench".to_owned()
-                } else {
-                    args.project_id.clone()
-                },
+        BenchRpc::AgentExecute => AgentServiceClient::new(channel.clone())
+            .execute(agentmesh_proto::agent::ExecuteRequest {
+                spec: Some(bench_spec(args)),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|status| status.code()),
+        BenchRpc::GatewayExecute => {
+            let spec = bench_spec(args);
+            let task = agentmesh_proto::gateway::TaskSpec {
+                agent_type: spec.agent_type,
+                variables: spec.variables,
+                project_id: spec.project_id,
                 ..Default::default()
             };
-            AgentServiceClient::new(channel.clone())
-                .execute(agentmesh_proto::agent::ExecuteRequest { spec: Some(spec) })
+            GatewayServiceClient::new(channel.clone())
+                .execute_task(agentmesh_proto::gateway::ExecuteTaskRequest { task: Some(task) })
                 .await
                 .map(|_| ())
                 .map_err(|status| status.code())
         }
+    }
+}
+
+/// The task agent.execute and gateway.execute run.
+fn bench_spec(args: &BenchArgs) -> agentmesh_proto::agent::ExecutionSpec {
+    agentmesh_proto::agent::ExecutionSpec {
+        agent_type: if args.agent_type.is_empty() {
+            "coder".to_owned()
+        } else {
+            args.agent_type.clone()
+        },
+        variables: [(
+            "task".to_owned(),
+            "write a function that adds two numbers".to_owned(),
+        )]
+        .into_iter()
+        .collect(),
+        project_id: if args.project_id.is_empty() {
+            "bench".to_owned()
+        } else {
+            args.project_id.clone()
+        },
+        ..Default::default()
     }
 }
 

@@ -69,6 +69,8 @@ pub enum ServiceName {
     Audit,
     /// The agent service (port 50052).
     Agent,
+    /// The gateway (port 50051).
+    Gateway,
 }
 
 /// Flags that override settings for `up`, `serve` and `migrate`.
@@ -95,6 +97,9 @@ pub struct ServeArgs {
     /// Agent service port (ports.agent).
     #[arg(long)]
     pub agent_port: Option<u16>,
+    /// Gateway port (ports.gateway).
+    #[arg(long)]
+    pub gateway_port: Option<u16>,
     /// Print the effective settings (secrets masked) and exit.
     #[arg(long)]
     pub dump_config: bool,
@@ -123,6 +128,9 @@ impl ServeArgs {
         }
         if let Some(port) = self.agent_port {
             settings.ports.agent = port;
+        }
+        if let Some(port) = self.gateway_port {
+            settings.ports.gateway = port;
         }
         if let Some(format) = log_format {
             settings.telemetry.log_format = match format {

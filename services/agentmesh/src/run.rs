@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use agentmesh_db::Database;
 use agentmesh_runtime::{Readiness, serve_admin, shutdown_on_signals};
-use agentmesh_settings::Settings;
+use agentmesh_settings::{GatewaySettings, Settings};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
@@ -29,6 +29,7 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
                 ServiceName::Agent,
                 ServiceName::Audit,
                 ServiceName::Cache,
+                ServiceName::Gateway,
             ],
         ),
         Command::Serve { service, args } => (args, vec![*service]),
@@ -116,6 +117,7 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
             ServiceName::Cache => settings.ports.cache,
             ServiceName::Audit => settings.ports.audit,
             ServiceName::Agent => settings.ports.agent,
+            ServiceName::Gateway => settings.ports.gateway,
         };
         listeners.push((
             *service,
@@ -135,6 +137,19 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
             address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
         settings.endpoints.config = format!("http://{address}");
+    }
+    // Likewise the gateway's default agent node is the agent listener of
+    // this process when there is one (a configured list is kept).
+    if settings.gateway.agent_endpoints == GatewaySettings::default().agent_endpoints
+        && let Some((_, listener)) = listeners
+            .iter()
+            .find(|(service, _)| *service == ServiceName::Agent)
+    {
+        let mut address = listener.local_addr()?;
+        if address.ip().is_unspecified() {
+            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        settings.gateway.agent_endpoints = vec![format!("http://{address}")];
     }
     let settings = &settings;
 
@@ -171,6 +186,11 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
                     agentmesh_agent::serve(&settings, listener, readiness, shutdown)
                         .await
                         .map_err(|error| anyhow::anyhow!("agent service: {error}"))
+                }
+                ServiceName::Gateway => {
+                    agentmesh_gateway::serve(&settings, listener, readiness, shutdown)
+                        .await
+                        .map_err(|error| anyhow::anyhow!("gateway: {error}"))
                 }
             }
         });

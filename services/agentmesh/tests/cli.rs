@@ -121,6 +121,8 @@ fn start_up(data_dir: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Runnin
         "0",
         "--agent-port",
         "0",
+        "--gateway-port",
+        "0",
         "--admin-port",
         "0",
         "--log-format",

@@ -47,6 +47,8 @@ pub struct Settings {
     pub audit: AuditSettings,
     /// The agent service: node identity, limits, providers, recording.
     pub agent_service: AgentServiceSettings,
+    /// The gateway: agent nodes, routing and fallback.
+    pub gateway: GatewaySettings,
     /// Log output.
     pub telemetry: TelemetrySettings,
     /// Values seeded into the `global` scope on the config service's first
@@ -476,6 +478,74 @@ impl AgentServiceSettings {
     }
 }
 
+/// What the gateway does when no agent node can serve a task.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GatewayFallback {
+    /// Answer in-process with the `local` provider, marked degraded.
+    #[default]
+    Local,
+    /// Refuse with UNAVAILABLE.
+    None,
+}
+
+/// Behaviour of the gateway.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySettings {
+    /// Agent node endpoints (`http://host:port`), 1 to 256 of them.
+    pub agent_endpoints: Vec<String>,
+    /// `local` or `none`.
+    pub fallback: GatewayFallback,
+    /// Id of this gateway in responses and `GetCircuitStates`; `host:port`
+    /// of the gateway listener when unset.
+    pub gateway_id: Option<String>,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            agent_endpoints: vec!["http://127.0.0.1:50052".to_owned()],
+            fallback: GatewayFallback::Local,
+            gateway_id: None,
+        }
+    }
+}
+
+impl GatewaySettings {
+    fn validate(&self, check: &mut impl FnMut(bool, &str, String, &str)) {
+        check(
+            (1..=256).contains(&self.agent_endpoints.len()),
+            "gateway.agent_endpoints",
+            format!("{} entries", self.agent_endpoints.len()),
+            "must have 1 to 256 entries",
+        );
+        for (index, endpoint) in self.agent_endpoints.iter().enumerate() {
+            check(
+                (endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+                    && endpoint.len() <= 512,
+                &format!("gateway.agent_endpoints[{index}]"),
+                format!("{endpoint:?}"),
+                "must start with http:// or https:// and be at most 512 bytes",
+            );
+            check(
+                !self.agent_endpoints[..index].contains(endpoint),
+                &format!("gateway.agent_endpoints[{index}]"),
+                format!("{endpoint:?}"),
+                "must not repeat an earlier endpoint",
+            );
+        }
+        if let Some(gateway_id) = &self.gateway_id {
+            check(
+                !gateway_id.trim().is_empty() && gateway_id.len() <= 128,
+                "gateway.gateway_id",
+                format!("{gateway_id:?}"),
+                "must be 1 to 128 bytes",
+            );
+        }
+    }
+}
+
 /// Log format.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -511,6 +581,7 @@ impl Default for Settings {
             cache: CacheServiceSettings::default(),
             audit: AuditSettings::default(),
             agent_service: AgentServiceSettings::default(),
+            gateway: GatewaySettings::default(),
             telemetry: TelemetrySettings::default(),
             defaults: LiveSettings::default(),
         }
@@ -970,6 +1041,7 @@ impl Settings {
             "must be at least audit.max_batch_events (a batch is committed whole)",
         );
         self.agent_service.validate(&mut check);
+        self.gateway.validate(&mut check);
         for violation in self.defaults.to_values().validate() {
             violations.push(Violation {
                 key: format!("defaults.{}", violation.field),
@@ -1093,6 +1165,45 @@ mod tests {
             violations[3].rule.contains("between 0 and 2"),
             "{}",
             violations[3].rule
+        );
+    }
+
+    #[test]
+    fn gateway_section_is_validated_and_loaded_from_files() {
+        let mut settings = Settings::default();
+        settings.gateway.agent_endpoints = vec![
+            "http://a:1".to_owned(),
+            "tcp://b:2".to_owned(),
+            "http://a:1".to_owned(),
+        ];
+        let violations = settings.validate().unwrap_err();
+        let keys: Vec<_> = violations.iter().map(|v| v.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["gateway.agent_endpoints[1]", "gateway.agent_endpoints[2]"]
+        );
+        assert!(
+            violations[1].rule.contains("repeat"),
+            "{}",
+            violations[1].rule
+        );
+        settings.gateway.agent_endpoints.clear();
+        let violations = settings.validate().unwrap_err();
+        assert_eq!(violations[0].key, "gateway.agent_endpoints");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(
+            &file,
+            "[gateway]\nagent_endpoints = [\"http://10.0.0.1:7003\", \"http://10.0.0.2:7003\"]\nfallback = \"none\"\n",
+        )
+        .unwrap();
+        let loaded = Settings::load(Some(&file)).unwrap();
+        assert_eq!(loaded.gateway.agent_endpoints.len(), 2);
+        assert_eq!(loaded.gateway.fallback, GatewayFallback::None);
+        assert_eq!(
+            Settings::default().gateway.agent_endpoints,
+            ["http://127.0.0.1:50052"]
         );
     }
 

@@ -14,7 +14,7 @@ pub mod bootstrap;
 pub mod live;
 
 pub use bootstrap::{
-    AgentServiceSettings, CacheServiceSettings, LoadError, LogFormat, ProviderKind, SanitizePolicy,
-    Settings, Violation,
+    AgentServiceSettings, CacheServiceSettings, GatewayFallback, GatewaySettings, LoadError,
+    LogFormat, ProviderKind, SanitizePolicy, Settings, Violation,
 };
 pub use live::{LiveSettings, Scope};
