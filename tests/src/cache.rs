@@ -2,18 +2,11 @@
 //! (`AGENTMESH_TEST_REDIS_URL`, each test under its own key prefix), and
 //! `redis-server` processes a test owns and may kill and restart.
 
-use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use agentmesh_proto::cache::cache_service_client::CacheServiceClient;
-use agentmesh_runtime::Readiness;
 use agentmesh_settings::Settings;
-use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::require_services;
 
@@ -97,72 +90,13 @@ pub async fn remove_prefix(url: &str, prefix: &str) -> anyhow::Result<()> {
     }
 }
 
-/// One running cache replica.
-pub struct CacheNode {
-    /// Where it listens.
-    pub address: SocketAddr,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), agentmesh_cache::ServeError>>,
-}
-
-impl CacheNode {
-    /// Starts a cache replica on an ephemeral port and waits until ready.
-    pub async fn start(settings: &Settings) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let address = listener.local_addr()?;
-        let shutdown = CancellationToken::new();
-        let readiness = Readiness::default();
-        let task = {
-            let settings = settings.clone();
-            let readiness = readiness.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                agentmesh_cache::serve(&settings, listener, readiness, shutdown).await
-            })
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !readiness.is_ready() {
-            if task.is_finished() {
-                let outcome = task.await?;
-                anyhow::bail!("cache service exited during start-up: {outcome:?}");
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "cache service not ready after 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Ok(Self {
-            address,
-            shutdown,
-            task,
-        })
-    }
-
-    /// `http://address`.
-    pub fn endpoint(&self) -> String {
-        format!("http://{}", self.address)
-    }
-
-    /// A connected channel.
-    pub async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(Channel::from_shared(self.endpoint())?.connect().await?)
-    }
-
-    /// A cache client.
-    pub async fn client(&self) -> anyhow::Result<CacheServiceClient<Channel>> {
-        Ok(CacheServiceClient::new(self.channel().await?)
-            .max_decoding_message_size(64 * 1024 * 1024)
-            .max_encoding_message_size(64 * 1024 * 1024))
-    }
-
-    /// Shuts down gracefully and returns the serve result.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        self.task.await??;
-        Ok(())
-    }
-}
+crate::service_node!(
+    /// One running cache service.
+    CacheNode,
+    "cache",
+    agentmesh_cache::serve,
+    agentmesh_proto::cache::cache_service_client::CacheServiceClient<tonic::transport::Channel>
+);
 
 /// A `redis-server` owned by one test, on a free port, without persistence;
 /// killed when dropped.

@@ -13,18 +13,10 @@ pub mod audit;
 pub mod cache;
 pub mod gateway_node;
 pub mod llm_server;
+pub mod node;
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use agentmesh_proto::config::config_service_client::ConfigServiceClient;
-use agentmesh_runtime::Readiness;
 use agentmesh_settings::Settings;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 /// Which database a sandbox uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,75 +114,13 @@ impl TestDatabase {
     }
 }
 
-/// One running config service.
-pub struct ConfigNode {
-    /// Where it listens.
-    pub address: SocketAddr,
-    /// Cancel to shut it down gracefully.
-    pub shutdown: CancellationToken,
-    /// Readiness as `/readyz` reports it.
-    pub readiness: Readiness,
-    task: JoinHandle<Result<(), agentmesh_config::ServeError>>,
-}
-
-impl ConfigNode {
-    /// Starts a config service on an ephemeral port and waits until it is
-    /// ready.
-    pub async fn start(settings: &Settings) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let address = listener.local_addr()?;
-        let shutdown = CancellationToken::new();
-        let readiness = Readiness::default();
-        let task = {
-            let settings = settings.clone();
-            let readiness = readiness.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                agentmesh_config::serve(&settings, listener, readiness, shutdown).await
-            })
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !readiness.is_ready() {
-            if task.is_finished() {
-                let outcome = task.await?;
-                anyhow::bail!("config service exited during start-up: {outcome:?}");
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "config service not ready after 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Ok(Self {
-            address,
-            shutdown,
-            readiness,
-            task,
-        })
-    }
-
-    /// `http://address`.
-    pub fn endpoint(&self) -> String {
-        format!("http://{}", self.address)
-    }
-
-    /// A connected channel.
-    pub async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(Channel::from_shared(self.endpoint())?.connect().await?)
-    }
-
-    /// A config client.
-    pub async fn client(&self) -> anyhow::Result<ConfigServiceClient<Channel>> {
-        Ok(ConfigServiceClient::new(self.channel().await?))
-    }
-
-    /// Shuts down gracefully and returns the serve result.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        self.task.await??;
-        Ok(())
-    }
-}
+crate::service_node!(
+    /// One running config service.
+    ConfigNode,
+    "config",
+    agentmesh_config::serve,
+    agentmesh_proto::config::config_service_client::ConfigServiceClient<tonic::transport::Channel>
+);
 
 /// Defines `<name>_sqlite` and `<name>_postgres` tests running
 /// `async fn <name>(db: &TestDatabase) -> anyhow::Result<()>`, dropping the
