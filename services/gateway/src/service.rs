@@ -452,7 +452,9 @@ impl Gateway {
                 let field = format!("tasks[{index}]");
                 let result = match self.execute(Some(task), &field, deadline).await {
                     Ok(response) => pb::task_result::Result::Response(response),
-                    Err(error) => pb::task_result::Result::Error(error_status(Status::from(error))),
+                    Err(error) => pb::task_result::Result::Error(
+                        agentmesh_agent::grpc::error_status(&Status::from(error)),
+                    ),
                 };
                 pb::TaskResult {
                     index: u32::try_from(index).unwrap_or(u32::MAX),
@@ -707,30 +709,6 @@ fn observe(outcome: &'static str, attempts: u32, started: Instant) {
         .record(started.elapsed().as_secs_f64());
     if attempts > 1 {
         metrics::counter!("agentmesh_gateway_retries_total").increment(u64::from(attempts - 1));
-    }
-}
-
-fn error_status(status: Status) -> common_pb::ErrorStatus {
-    let details = status.get_error_details();
-    common_pb::ErrorStatus {
-        code: status.code() as i32,
-        message: status.message().to_owned(),
-        field_violations: details
-            .bad_request()
-            .map(|bad| {
-                bad.field_violations
-                    .iter()
-                    .map(|violation| common_pb::FieldViolation {
-                        field: violation.field.clone(),
-                        description: violation.description.clone(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-        retry_delay: details
-            .retry_info()
-            .and_then(|info| info.retry_delay)
-            .map(duration),
     }
 }
 
