@@ -153,6 +153,7 @@ impl L2 {
             BreakerConfig {
                 failure_threshold: settings.breaker_failure_threshold,
                 reset_timeout: Duration::from_millis(settings.breaker_reset_ms),
+                ..BreakerConfig::default()
             },
             on_breaker,
         );

@@ -1,10 +1,13 @@
 //! The gateway: the suite's front door. Routes each task to one of the
-//! configured agent nodes by power of two choices over the gateway's own
-//! in-flight count per node, keeps one circuit breaker per node (settings
-//! from the live config), retries a task that failed before any output
-//! once on another node within the caller's deadline, and answers from the
-//! in-process `local` fallback agent (degraded) when no node can serve.
+//! agent nodes (configured endpoints, names re-resolved from DNS) by power
+//! of two choices over each node's load (peak-EWMA latency times work in
+//! flight, informed by the node's `GetLoad`), keeps one circuit breaker per
+//! node (settings from the live config), retries a task that failed before
+//! any output on another node within the caller's deadline and a retry
+//! budget, and answers from the in-process `local` fallback agent
+//! (degraded) when no node can serve.
 //!
+//! - [`fleet`]: the node set, DNS re-resolution and load polling;
 //! - [`node`]: nodes, their breakers and the p2c choice;
 //! - [`service`]: the logic; [`grpc`]: the thin tonic face;
 //! - [`fallback`]: the in-process fallback agent; [`error`]: errors → statuses.
@@ -13,6 +16,7 @@
 
 pub mod error;
 pub mod fallback;
+pub mod fleet;
 pub mod grpc;
 pub mod node;
 pub mod service;
@@ -29,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use error::GatewayError;
-pub use service::Gateway;
+pub use service::{Gateway, RetryPolicy};
 
 /// Why the gateway could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -57,14 +61,11 @@ pub fn build(
     watcher: ConfigWatcher,
 ) -> Result<Gateway, ServeError> {
     let config = node::breaker_config(&watcher.effective(None, None));
-    let nodes = settings
-        .gateway
-        .agent_endpoints
-        .iter()
-        .map(|endpoint| {
-            node::Node::new(endpoint, config, settings.server.max_message_bytes).map(Arc::new)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let fleet = Arc::new(fleet::Fleet::new(
+        &settings.gateway,
+        config,
+        settings.server.max_message_bytes,
+    )?);
     let fallback = match settings.gateway.fallback {
         GatewayFallback::Local => Some(fallback::Fallback::new(
             Catalogue::load(
@@ -76,7 +77,12 @@ pub fn build(
         )),
         GatewayFallback::None => None,
     };
-    Ok(Gateway::new(gateway_id, nodes, watcher, fallback))
+    let retry = RetryPolicy {
+        max_attempts: settings.gateway.max_attempts,
+        budget_ratio: settings.gateway.retry_budget_percent as f32 / 100.0,
+        min_per_second: settings.gateway.retry_min_per_second,
+    };
+    Ok(Gateway::new(gateway_id, fleet, watcher, fallback, retry))
 }
 
 /// Serves `agentmesh.gateway.v1.GatewayService` on `listener` until
@@ -95,6 +101,13 @@ pub async fn serve(
         .unwrap_or_else(|| format!("gateway@{address}"));
     let watcher = ConfigWatcher::start(&settings.endpoints.config, &settings.defaults, &shutdown)?;
     let gateway = Arc::new(build(settings, gateway_id, watcher.clone())?);
+    {
+        // Resolve names before serving, then keep nodes and loads current.
+        let watcher = watcher.clone();
+        let config = move || node::breaker_config(&watcher.effective(None, None));
+        gateway.fleet().refresh(config()).await;
+        gateway.fleet().spawn(config, &shutdown);
+    }
     tracing::info!(
         gateway_id = gateway.gateway_id(),
         nodes = settings.gateway.agent_endpoints.len(),

@@ -1,8 +1,9 @@
-//! The gateway's logic: choose a node (power of two choices over in-flight
-//! calls among nodes whose breaker allows a call), call it through its
-//! breaker within the caller's deadline, retry once on another node when
-//! the first failed before any output, and fall back to the in-process
-//! `local` agent when no node can serve.
+//! The gateway's logic: choose a node (power of two choices over each
+//! node's load among nodes whose breaker allows a call), call it through
+//! its breaker within the caller's deadline, retry on another node when a
+//! try failed before any output (within `gateway.max_attempts` and the
+//! retry budget), and fall back to the in-process `local` agent when no
+//! node can serve.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,13 +21,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
+use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::error::GatewayError;
 use crate::fallback::Fallback;
+use crate::fleet::Fleet;
 use crate::node::{InFlight, Node, NodeState, breaker_config, pick};
-
-/// Agent calls made for one task at most (the first and one retry).
-pub const MAX_ATTEMPTS: usize = 2;
 /// Most tasks in one batch.
 pub const MAX_BATCH_TASKS: usize = 100;
 /// Longest degraded reason returned.
@@ -45,12 +45,44 @@ enum Attempt<T> {
     Unhealthy(String),
 }
 
+/// Where routing a task ended when no node refused it.
+enum Routed<T> {
+    /// A node served it after `attempts` calls.
+    Served { value: T, attempts: u32 },
+    /// No node could serve it: every try failed, every breaker was open,
+    /// or the retry budget ran out.
+    NoNode { reason: String, attempts: u32 },
+}
+
+/// How the gateway retries.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Agent calls per task at most.
+    pub max_attempts: u32,
+    /// Retries as a fraction of first tries (over 10 s).
+    pub budget_ratio: f32,
+    /// Retries per second allowed whatever the traffic.
+    pub min_per_second: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 2,
+            budget_ratio: 0.2,
+            min_per_second: 10,
+        }
+    }
+}
+
 /// The gateway.
 pub struct Gateway {
     gateway_id: String,
-    nodes: Vec<Arc<Node>>,
+    fleet: Arc<Fleet>,
     watcher: ConfigWatcher,
     fallback: Option<Fallback>,
+    max_attempts: usize,
+    retry_budget: TpsBudget,
 }
 
 /// A task checked and converted for the agent service.
@@ -66,16 +98,84 @@ impl Gateway {
     /// `fallback` answers when no node can.
     pub fn new(
         gateway_id: String,
-        nodes: Vec<Arc<Node>>,
+        fleet: Arc<Fleet>,
         watcher: ConfigWatcher,
         fallback: Option<Fallback>,
+        retry: RetryPolicy,
     ) -> Self {
         Self {
             gateway_id,
-            nodes,
+            fleet,
             watcher,
             fallback,
+            max_attempts: usize::try_from(retry.max_attempts.max(1)).unwrap_or(1),
+            retry_budget: TpsBudget::new(
+                Duration::from_secs(10),
+                retry.min_per_second,
+                retry.budget_ratio.clamp(0.0, 1.0),
+            ),
         }
+    }
+
+    /// The agent nodes.
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+
+    /// Routes one task: picks nodes and runs `attempt` on each until one
+    /// serves it, one refuses it (the caller's error, passed on), the
+    /// attempts or the retry budget run out, or the deadline passes.
+    async fn route<T, F, Fut>(
+        &self,
+        task: &Task,
+        deadline: Option<Instant>,
+        config: BreakerConfig,
+        started: Instant,
+        mut attempt: F,
+    ) -> Result<Routed<T>, GatewayError>
+    where
+        F: FnMut(Arc<Node>) -> Fut,
+        Fut: Future<Output = Attempt<T>>,
+    {
+        let nodes = self.fleet.nodes();
+        let mut tried: Vec<Arc<Node>> = Vec::with_capacity(self.max_attempts);
+        let mut reasons = Vec::new();
+        let mut attempts = 0_u32;
+        self.retry_budget.deposit();
+        while tried.len() < self.max_attempts {
+            ensure_time_left(deadline)?;
+            let Some(node) = pick(&nodes, &tried, config) else {
+                break;
+            };
+            if !tried.is_empty() && !self.retry_budget.withdraw() {
+                metrics::counter!("agentmesh_gateway_retries_refused_total").increment(1);
+                reasons.push("retry budget exhausted".to_owned());
+                break;
+            }
+            tried.push(Arc::clone(&node));
+            attempts += 1;
+            match attempt(Arc::clone(&node)).await {
+                Attempt::Served(value) => return Ok(Routed::Served { value, attempts }),
+                Attempt::Refused(status) => {
+                    observe(
+                        agentmesh_telemetry::code_name(status.code()),
+                        attempts,
+                        started,
+                    );
+                    return Err(upstream(status, deadline, &task.field));
+                }
+                Attempt::Unhealthy(reason) => {
+                    reasons.push(format!("{}: {reason}", node.endpoint()));
+                }
+            }
+        }
+        ensure_time_left(deadline)?;
+        let reason = if nodes.is_empty() {
+            "no agent nodes known (check gateway.agent_endpoints and DNS)".to_owned()
+        } else {
+            no_node_reason(&reasons)
+        };
+        Ok(Routed::NoNode { reason, attempts })
     }
 
     /// This gateway's id.
@@ -141,52 +241,36 @@ impl Gateway {
         let task = self.check(task, field)?;
         let live = self.live(&task.spec);
         let config = breaker_config(&live);
-        let mut tried = Vec::with_capacity(MAX_ATTEMPTS);
-        let mut reasons = Vec::new();
-        let mut attempts = 0_u32;
-        while tried.len() < MAX_ATTEMPTS {
-            ensure_time_left(deadline)?;
-            let Some((index, node)) = pick(&self.nodes, &tried, config) else {
-                break;
-            };
-            tried.push(index);
-            attempts += 1;
-            let node = Arc::clone(node);
-            match self.call_unary(&node, &task, deadline, config).await {
-                Attempt::Served(response) => {
-                    let outcome = Ok(pb::ExecuteTaskResponse {
-                        task_id: task.task_id,
-                        execution_id: response.execution_id,
-                        output: response.output,
-                        usage: response.usage,
-                        provider: response.provider,
-                        node_id: response.node_id,
-                        degraded: false,
-                        degraded_reason: String::new(),
-                        cache_hit: false,
-                        attempts,
-                        finish_reason: response.finish_reason,
-                        latency: Some(duration(started.elapsed())),
-                        trace_id: trace_id(),
-                    });
-                    observe("served", attempts, started);
-                    return outcome;
-                }
-                Attempt::Refused(status) => {
-                    observe(
-                        agentmesh_telemetry::code_name(status.code()),
-                        attempts,
-                        started,
-                    );
-                    return Err(upstream(status, deadline, &task.field));
-                }
-                Attempt::Unhealthy(reason) => {
-                    reasons.push(format!("{}: {reason}", node.endpoint()));
-                }
+        let routed = self
+            .route(&task, deadline, config, started, |node| {
+                self.call_unary(node, &task, deadline, config)
+            })
+            .await?;
+        let (reason, attempts) = match routed {
+            Routed::Served {
+                value: response,
+                attempts,
+            } => {
+                let outcome = Ok(pb::ExecuteTaskResponse {
+                    task_id: task.task_id,
+                    execution_id: response.execution_id,
+                    output: response.output,
+                    usage: response.usage,
+                    provider: response.provider,
+                    node_id: response.node_id,
+                    degraded: false,
+                    degraded_reason: String::new(),
+                    cache_hit: false,
+                    attempts,
+                    finish_reason: response.finish_reason,
+                    latency: Some(duration(started.elapsed())),
+                    trace_id: trace_id(),
+                });
+                observe("served", attempts, started);
+                return outcome;
             }
-        }
-        ensure_time_left(deadline)?;
-        let reason = no_node_reason(&reasons);
+            Routed::NoNode { reason, attempts } => (reason, attempts),
+        };
         let Some(fallback) = &self.fallback else {
             observe("unavailable", attempts, started);
             return Err(GatewayError::Unavailable(reason));
@@ -214,7 +298,7 @@ impl Gateway {
 
     async fn call_unary(
         &self,
-        node: &Arc<Node>,
+        node: Arc<Node>,
         task: &Task,
         deadline: Option<Instant>,
         config: BreakerConfig,
@@ -229,11 +313,16 @@ impl Gateway {
             request.set_timeout(remaining);
         }
         let mut client = node.client();
-        let call = async move {
+        let call = async {
+            let sent = Instant::now();
             let result = within(remaining, client.execute(request)).await;
-            classify(result.map(tonic::Response::into_inner), deadline)
+            let outcome = classify(result.map(tonic::Response::into_inner), deadline);
+            note(&node, &outcome, sent.elapsed(), |response| {
+                &response.node_id
+            });
+            outcome
         };
-        settle(node, breaker.call(call).await, |response| &response.node_id)
+        settle(&node, breaker.call(call).await)
     }
 
     /// Runs one task and streams its output; retries happen only before
@@ -248,47 +337,31 @@ impl Gateway {
         let task = self.check(task, "task")?;
         let live = self.live(&task.spec);
         let config = breaker_config(&live);
-        let mut tried = Vec::with_capacity(MAX_ATTEMPTS);
-        let mut reasons = Vec::new();
-        let mut attempts = 0_u32;
-        while tried.len() < MAX_ATTEMPTS {
-            ensure_time_left(deadline)?;
-            let Some((index, node)) = pick(&self.nodes, &tried, config) else {
-                break;
-            };
-            tried.push(index);
-            attempts += 1;
-            let node = Arc::clone(node);
-            match self.open_stream(&node, &task, deadline, config).await {
-                Attempt::Served((first, stream, in_flight)) => {
-                    let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
-                    tokio::spawn(forward(
-                        first,
-                        stream,
-                        in_flight,
-                        sender,
-                        task.task_id,
-                        attempts,
-                        started,
-                    ));
-                    observe("served", attempts, started);
-                    return Ok(receiver);
-                }
-                Attempt::Refused(status) => {
-                    observe(
-                        agentmesh_telemetry::code_name(status.code()),
-                        attempts,
-                        started,
-                    );
-                    return Err(upstream(status, deadline, &task.field));
-                }
-                Attempt::Unhealthy(reason) => {
-                    reasons.push(format!("{}: {reason}", node.endpoint()));
-                }
+        let routed = self
+            .route(&task, deadline, config, started, |node| {
+                self.open_stream(node, &task, deadline, config)
+            })
+            .await?;
+        let (reason, attempts) = match routed {
+            Routed::Served {
+                value: (first, stream, in_flight),
+                attempts,
+            } => {
+                let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+                tokio::spawn(forward(
+                    first,
+                    stream,
+                    in_flight,
+                    sender,
+                    task.task_id,
+                    attempts,
+                    started,
+                ));
+                observe("served", attempts, started);
+                return Ok(receiver);
             }
-        }
-        ensure_time_left(deadline)?;
-        let reason = no_node_reason(&reasons);
+            Routed::NoNode { reason, attempts } => (reason, attempts),
+        };
         if self.fallback.is_none() {
             observe("unavailable", attempts, started);
             return Err(GatewayError::Unavailable(reason));
@@ -306,7 +379,7 @@ impl Gateway {
 
     async fn open_stream(
         &self,
-        node: &Arc<Node>,
+        node: Arc<Node>,
         task: &Task,
         deadline: Option<Instant>,
         config: BreakerConfig,
@@ -325,7 +398,8 @@ impl Gateway {
             request.set_timeout(remaining);
         }
         let mut client = node.client();
-        let call = async move {
+        let call = async {
+            let sent = Instant::now();
             let opened = within(remaining, async {
                 let mut stream = client.execute_stream(request).await?.into_inner();
                 match stream.message().await? {
@@ -336,9 +410,11 @@ impl Gateway {
                 }
             })
             .await;
-            classify(opened, deadline)
+            let outcome = classify(opened, deadline);
+            note(&node, &outcome, sent.elapsed(), |(first, _)| &first.node_id);
+            outcome
         };
-        match settle(node, breaker.call(call).await, |(first, _)| &first.node_id) {
+        match settle(&node, breaker.call(call).await) {
             Attempt::Served((first, stream)) => Attempt::Served((first, stream, in_flight)),
             Attempt::Refused(status) => Attempt::Refused(status),
             Attempt::Unhealthy(reason) => Attempt::Unhealthy(reason),
@@ -470,7 +546,12 @@ impl Gateway {
     /// Every node's breaker, sorted by node id.
     pub fn circuits(&self) -> Vec<NodeState> {
         let config = breaker_config(&self.watcher.effective(None, None));
-        let mut states: Vec<NodeState> = self.nodes.iter().map(|node| node.state(config)).collect();
+        let mut states: Vec<NodeState> = self
+            .fleet
+            .nodes()
+            .iter()
+            .map(|node| node.state(config))
+            .collect();
         states.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         states
     }
@@ -490,6 +571,16 @@ impl Gateway {
                     opened_at: node.opened_at.map(timestamp),
                     in_flight: node.in_flight,
                     state_changed_at: Some(timestamp(node.state_changed_at)),
+                    recent_successes: node.recent_successes,
+                    recent_failures: node.recent_failures,
+                    state_reason: node.reason,
+                    next_probe_at: node.next_probe_at.map(timestamp),
+                    latency_estimate: Some(duration(node.latency)),
+                    reported_in_flight: node.reported.map(|load| load.in_flight),
+                    reported_queued: node.reported.map(|load| load.queued),
+                    reported_capacity: node.reported.map(|load| load.capacity),
+                    draining: node.draining,
+                    source: node.source,
                 })
                 .collect(),
         }
@@ -603,24 +694,28 @@ fn classify<T>(
     }
 }
 
-/// Records a breaker-guarded call's outcome on the node.
-fn settle<T>(
+/// Records a classified outcome on the node, inside the breaker call (so
+/// that a transition it causes can be explained).
+fn note<T>(
     node: &Node,
-    outcome: Result<Result<T, Status>, BreakerError<Status>>,
+    outcome: &Result<Result<T, Status>, Status>,
+    elapsed: Duration,
     node_id: impl Fn(&T) -> &String,
-) -> Attempt<T> {
+) {
     match outcome {
-        Ok(Ok(value)) => {
-            node.record_healthy(node_id(&value));
-            Attempt::Served(value)
-        }
-        Ok(Err(status)) => {
-            node.record_healthy("");
-            Attempt::Refused(status)
-        }
+        Ok(Ok(value)) => node.note_answered(node_id(value), elapsed),
+        Ok(Err(_)) => node.note_answered("", elapsed),
+        Err(status) => node.note_failure(status),
+    }
+}
+
+/// Turns a breaker-guarded call's outcome into an attempt.
+fn settle<T>(node: &Node, outcome: Result<Result<T, Status>, BreakerError<Status>>) -> Attempt<T> {
+    match outcome {
+        Ok(Ok(value)) => Attempt::Served(value),
+        Ok(Err(status)) => Attempt::Refused(status),
         Err(BreakerError::Rejected) => Attempt::Unhealthy("circuit breaker open".to_owned()),
         Err(BreakerError::Inner(status)) => {
-            node.record_unhealthy();
             tracing::warn!(
                 endpoint = node.endpoint(),
                 code = agentmesh_telemetry::code_name(status.code()),

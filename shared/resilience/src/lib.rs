@@ -11,5 +11,7 @@ pub mod breaker;
 pub mod status;
 
 pub use backoff::Backoff;
-pub use breaker::{Breaker, BreakerConfig, BreakerError, BreakerState, CircuitBreaker};
+pub use breaker::{
+    Breaker, BreakerConfig, BreakerError, BreakerState, CircuitBreaker, FailureRate,
+};
 pub use status::{FieldViolation, invalid_argument};

@@ -500,6 +500,23 @@ pub struct GatewaySettings {
     /// Id of this gateway in responses and `GetCircuitStates`; `host:port`
     /// of the gateway listener when unset.
     pub gateway_id: Option<String>,
+    /// Agent calls per task at most (the first try and retries on other
+    /// nodes), 1 to 5.
+    pub max_attempts: u32,
+    /// Retries allowed as a percentage of first tries over the last 10 s
+    /// (the retry budget: a sick fleet sees no retry storm), 0 to 100.
+    pub retry_budget_percent: u32,
+    /// Retries per second allowed whatever the traffic (so that a quiet
+    /// gateway can still retry), 0 to 10,000.
+    pub retry_min_per_second: u32,
+    /// How often host names in `agent_endpoints` are resolved again, in
+    /// milliseconds (100 to 3,600,000). Each address a name resolves to is
+    /// one node (a Kubernetes headless service lists every pod); nodes come
+    /// and go without a restart.
+    pub discovery_interval_ms: u64,
+    /// How often each node's `GetLoad` is polled, in milliseconds (100 to
+    /// 60,000): the node's own queue and draining flag inform the choice.
+    pub load_poll_interval_ms: u64,
 }
 
 impl Default for GatewaySettings {
@@ -508,6 +525,11 @@ impl Default for GatewaySettings {
             agent_endpoints: vec!["http://127.0.0.1:50052".to_owned()],
             fallback: GatewayFallback::Local,
             gateway_id: None,
+            max_attempts: 2,
+            retry_budget_percent: 20,
+            retry_min_per_second: 10,
+            discovery_interval_ms: 5_000,
+            load_poll_interval_ms: 1_000,
         }
     }
 }
@@ -543,6 +565,36 @@ impl GatewaySettings {
                 "must be 1 to 128 bytes",
             );
         }
+        check(
+            (1..=5).contains(&self.max_attempts),
+            "gateway.max_attempts",
+            self.max_attempts.to_string(),
+            "must be 1 to 5",
+        );
+        check(
+            self.retry_budget_percent <= 100,
+            "gateway.retry_budget_percent",
+            self.retry_budget_percent.to_string(),
+            "must be 0 to 100",
+        );
+        check(
+            self.retry_min_per_second <= 10_000,
+            "gateway.retry_min_per_second",
+            self.retry_min_per_second.to_string(),
+            "must be 0 to 10000",
+        );
+        check(
+            (100..=3_600_000).contains(&self.discovery_interval_ms),
+            "gateway.discovery_interval_ms",
+            self.discovery_interval_ms.to_string(),
+            "must be 100 to 3600000",
+        );
+        check(
+            (100..=60_000).contains(&self.load_poll_interval_ms),
+            "gateway.load_poll_interval_ms",
+            self.load_poll_interval_ms.to_string(),
+            "must be 100 to 60000",
+        );
     }
 }
 

@@ -92,6 +92,25 @@ pub const FIELDS: &[FieldSpec] = &[
         },
     },
     FieldSpec {
+        path: "breaker.half_open_max_probes",
+        kind: FieldKind::Int { min: 1, max: 1000 },
+    },
+    FieldSpec {
+        path: "breaker.failure_rate_percent",
+        kind: FieldKind::Int { min: 0, max: 100 },
+    },
+    FieldSpec {
+        path: "breaker.window_seconds",
+        kind: FieldKind::Int { min: 1, max: 3600 },
+    },
+    FieldSpec {
+        path: "breaker.min_requests",
+        kind: FieldKind::Int {
+            min: 1,
+            max: 1000000,
+        },
+    },
+    FieldSpec {
         path: "cache.default_ttl_seconds",
         kind: FieldKind::Int {
             min: 1,
@@ -288,6 +307,19 @@ impl Values {
                 "breaker.reset_timeout_seconds",
                 breaker.reset_timeout_seconds.map(Value::Int),
             );
+            put(
+                "breaker.half_open_max_probes",
+                breaker.half_open_max_probes.map(Value::Int),
+            );
+            put(
+                "breaker.failure_rate_percent",
+                breaker.failure_rate_percent.map(Value::Int),
+            );
+            put(
+                "breaker.window_seconds",
+                breaker.window_seconds.map(Value::Int),
+            );
+            put("breaker.min_requests", breaker.min_requests.map(Value::Int));
         }
         if let Some(cache) = &settings.cache {
             put(
@@ -337,6 +369,10 @@ impl Values {
         let breaker = pb::BreakerSettings {
             failure_threshold: int("breaker.failure_threshold"),
             reset_timeout_seconds: int("breaker.reset_timeout_seconds"),
+            half_open_max_probes: int("breaker.half_open_max_probes"),
+            failure_rate_percent: int("breaker.failure_rate_percent"),
+            window_seconds: int("breaker.window_seconds"),
+            min_requests: int("breaker.min_requests"),
         };
         let cache = pb::CacheSettings {
             default_ttl_seconds: int("cache.default_ttl_seconds"),
@@ -535,6 +571,14 @@ pub struct BreakerSettings {
     pub failure_threshold: i64,
     /// Seconds before an open breaker lets a probe through.
     pub reset_timeout_seconds: i64,
+    /// Probe calls a half-open breaker lets through at once.
+    pub half_open_max_probes: i64,
+    /// Failure rate (percent) over the window that opens the breaker; 0 turns the rule off.
+    pub failure_rate_percent: i64,
+    /// Window of the failure-rate rule, in seconds.
+    pub window_seconds: i64,
+    /// Calls the window must hold before the failure rate counts.
+    pub min_requests: i64,
 }
 
 /// Cache settings.
@@ -585,6 +629,10 @@ impl Default for BreakerSettings {
         Self {
             failure_threshold: 5,
             reset_timeout_seconds: 60,
+            half_open_max_probes: 1,
+            failure_rate_percent: 50,
+            window_seconds: 30,
+            min_requests: 20,
         }
     }
 }
@@ -643,6 +691,22 @@ impl LiveSettings {
         put(
             "breaker.reset_timeout_seconds",
             Value::Int(self.breaker.reset_timeout_seconds),
+        );
+        put(
+            "breaker.half_open_max_probes",
+            Value::Int(self.breaker.half_open_max_probes),
+        );
+        put(
+            "breaker.failure_rate_percent",
+            Value::Int(self.breaker.failure_rate_percent),
+        );
+        put(
+            "breaker.window_seconds",
+            Value::Int(self.breaker.window_seconds),
+        );
+        put(
+            "breaker.min_requests",
+            Value::Int(self.breaker.min_requests),
         );
         put(
             "cache.default_ttl_seconds",
