@@ -20,6 +20,8 @@ pub struct AgentFleet {
     pub nodes: Vec<Option<AgentNode>>,
     /// Their endpoints, `http://127.0.0.1:<port>`.
     pub endpoints: Vec<String>,
+    settings: Vec<Settings>,
+    addresses: Vec<std::net::SocketAddr>,
     databases: Vec<TestDatabase>,
 }
 
@@ -33,6 +35,8 @@ impl AgentFleet {
         let mut nodes = Vec::with_capacity(count);
         let mut endpoints = Vec::with_capacity(count);
         let mut databases = Vec::with_capacity(count);
+        let mut all_settings = Vec::with_capacity(count);
+        let mut addresses = Vec::with_capacity(count);
         for index in 0..count {
             let db = TestDatabase::new(Backend::Sqlite)
                 .await
@@ -44,14 +48,26 @@ impl AgentFleet {
             configure(index, &mut settings);
             let node = AgentNode::start(&settings).await?;
             endpoints.push(format!("http://{}", node.address));
+            addresses.push(node.address);
+            all_settings.push(settings);
             nodes.push(Some(node));
             databases.push(db);
         }
         Ok(Self {
             nodes,
             endpoints,
+            settings: all_settings,
+            addresses,
             databases,
         })
+    }
+
+    /// Starts stopped node `index` again, on its old address and database.
+    pub async fn restart(&mut self, index: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(self.nodes[index].is_none(), "node {index} is running");
+        let node = AgentNode::start_on(&self.settings[index], self.addresses[index]).await?;
+        self.nodes[index] = Some(node);
+        Ok(())
     }
 
     /// Stops node `index` (its port then refuses connections).

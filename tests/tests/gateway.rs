@@ -114,14 +114,23 @@ async fn tasks_spread_over_three_nodes_and_a_stopped_node_opens_its_breaker() ->
     // One node stops: callers see no error, its breaker opens.
     fleet.stop(1).await?;
     let stopped = fleet.endpoints[1].clone();
+    // The node may first be skipped as draining (its load poll said so),
+    // then tried and failed until its breaker opens.
     let mut retried = 0;
-    for round in 0..60 {
-        let response = execute(&mut client, task("tester", &format!("after {round}"))).await?;
+    let mut rounds = 0;
+    loop {
+        let response = execute(&mut client, task("tester", &format!("after {rounds}"))).await?;
         assert!(!response.degraded, "{response:?}");
         assert_ne!(response.node_id, "agent-1");
         if response.attempts > 1 {
             retried += 1;
         }
+        rounds += 1;
+        let nodes = circuits(&mut client).await;
+        if circuit_of(&nodes, &stopped).state == common::CircuitState::Open as i32 {
+            break;
+        }
+        assert!(rounds < 2_000, "the stopped node's breaker never opened");
     }
     assert!(
         retried >= 2,

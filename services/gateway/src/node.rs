@@ -585,33 +585,44 @@ impl Node {
 /// Power of two choices: among the nodes not in `exclude` that are not
 /// draining and whose breaker lets a call through, picks two at random and
 /// returns the one with the lower [`Node::cost`] (ties broken at random).
+/// A half-open node wins its pair, so that its probe happens and decides
+/// whether it returns.
 pub fn pick(
     nodes: &[Arc<Node>],
     exclude: &[Arc<Node>],
     config: BreakerConfig,
 ) -> Option<Arc<Node>> {
-    let candidates: Vec<&Arc<Node>> = nodes
+    let candidates: Vec<(&Arc<Node>, bool)> = nodes
         .iter()
         .filter(|node| !exclude.iter().any(|tried| Arc::ptr_eq(tried, node)))
         .filter(|node| !node.draining())
-        .filter(|node| node.breaker(config).is_call_permitted())
+        .filter_map(|node| {
+            let breaker = node.breaker(config);
+            breaker
+                .is_call_permitted()
+                .then(|| (node, breaker.state() == BreakerState::HalfOpen))
+        })
         .collect();
     let mut rng = rand::rng();
     let chosen = match candidates.len() {
         0 => return None,
-        1 => candidates[0],
+        1 => candidates[0].0,
         count => {
             let first = rng.random_range(0..count);
             let mut second = rng.random_range(0..count - 1);
             if second >= first {
                 second += 1;
             }
-            let (a, b) = (candidates[first], candidates[second]);
-            let (cost_a, cost_b) = (a.cost(), b.cost());
-            if cost_a < cost_b || (cost_a == cost_b && rng.random_bool(0.5)) {
-                a
-            } else {
-                b
+            match (candidates[first], candidates[second]) {
+                ((probe, true), (_, false)) | ((_, false), (probe, true)) => probe,
+                ((a, _), (b, _)) => {
+                    let (cost_a, cost_b) = (a.cost(), b.cost());
+                    if cost_a < cost_b || (cost_a == cost_b && rng.random_bool(0.5)) {
+                        a
+                    } else {
+                        b
+                    }
+                }
             }
         }
     };

@@ -764,12 +764,12 @@ fn upstream(status: Status, deadline: Option<Instant>, field: &str) -> GatewayEr
 }
 
 /// The deadline the gateway works to: the caller's, less a margin (a
-/// twentieth of the time left, at most 20 ms) so that DEADLINE_EXCEEDED
+/// tenth of the time left, at most 50 ms) so that DEADLINE_EXCEEDED
 /// reaches the caller before its own timer fires.
 fn working_deadline(deadline: Option<Instant>) -> Option<Instant> {
     deadline.map(|deadline| {
         let left = deadline.saturating_duration_since(Instant::now());
-        deadline - (left / 20).min(Duration::from_millis(20))
+        deadline - (left / 10).min(Duration::from_millis(50))
     })
 }
 
@@ -917,8 +917,8 @@ mod tests {
         let now = Instant::now();
         let far = now + Duration::from_secs(10);
         let near = now + Duration::from_millis(100);
-        assert!(working_deadline(Some(far)).unwrap() >= far - Duration::from_millis(20));
-        assert!(working_deadline(Some(near)).unwrap() >= near - Duration::from_millis(5));
+        assert!(working_deadline(Some(far)).unwrap() >= far - Duration::from_millis(50));
+        assert!(working_deadline(Some(near)).unwrap() >= near - Duration::from_millis(10));
         assert!(working_deadline(Some(near)).unwrap() < near);
         assert!(working_deadline(None).is_none());
     }
