@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use agentmesh_proto::agent::agent_service_client::AgentServiceClient;
@@ -33,9 +33,16 @@ pub struct BenchArgs {
     /// The RPC to call.
     #[arg(long, value_enum)]
     pub rpc: BenchRpc,
-    /// Concurrent callers.
+    /// Concurrent callers (closed loop). With --rate: the most calls in
+    /// flight at once; a scheduled call that finds them all busy counts as
+    /// a CLIENT_SATURATED error instead of waiting.
     #[arg(short = 'c', long, default_value_t = 32)]
     pub concurrency: u32,
+    /// Open loop: start this many calls per second on a fixed schedule,
+    /// whatever the answers, and measure each call's latency from its
+    /// scheduled start (queueing in the client or server is not hidden).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate: Option<u32>,
     /// How long to run (e.g. 10s, 500ms, 1m).
     #[arg(short = 'd', long, value_parser = parse_duration, conflicts_with = "count")]
     pub duration: Option<Duration>,
@@ -411,6 +418,85 @@ async fn worker(
     WorkerResult { histogram, errors }
 }
 
+/// The open loop: call number `i` is due at `started + i / rate`; each
+/// runs in its own task and records its latency from when it was due.
+/// Calls already due are started together when the scheduler wakes (the
+/// timer's resolution is about a millisecond).
+async fn open_loop(
+    rate: u32,
+    channels: Vec<Channel>,
+    args: Arc<BenchArgs>,
+    limit: Limit,
+    shared: Arc<Shared>,
+) -> WorkerResult {
+    let result = Arc::new(std::sync::Mutex::new(WorkerResult {
+        histogram: new_histogram(),
+        errors: BTreeMap::new(),
+    }));
+    let slots = Arc::new(tokio::sync::Semaphore::new(args.concurrency as usize));
+    let interval = Duration::from_secs(1) / rate;
+    let started = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    let mut index: u64 = 0;
+    'schedule: loop {
+        let due = started + interval * u32::try_from(index).unwrap_or(u32::MAX);
+        match limit {
+            Limit::Until(deadline) if due >= deadline => break,
+            Limit::Count(total) if index >= total => break,
+            _ => {}
+        }
+        if due > Instant::now() {
+            tokio::time::sleep_until(due.into()).await;
+        }
+        // Start every call that is due by now.
+        loop {
+            let due = started + interval * u32::try_from(index).unwrap_or(u32::MAX);
+            if due > Instant::now() {
+                break;
+            }
+            match limit {
+                Limit::Until(deadline) if due >= deadline => break 'schedule,
+                Limit::Count(total) if index >= total => break 'schedule,
+                _ => {}
+            }
+            let worker_index = u32::try_from(index % u64::from(args.concurrency)).unwrap_or(0);
+            index += 1;
+            shared.issued.fetch_add(1, Ordering::Relaxed);
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                shared.completed.fetch_add(1, Ordering::Relaxed);
+                shared.failed.fetch_add(1, Ordering::Relaxed);
+                let mut result = result.lock().unwrap_or_else(PoisonError::into_inner);
+                *result.errors.entry("CLIENT_SATURATED").or_insert(0) += 1;
+                continue;
+            };
+            let channel = channels[index as usize % channels.len()].clone();
+            let args = Arc::clone(&args);
+            let shared = Arc::clone(&shared);
+            let result = Arc::clone(&result);
+            calls.spawn(async move {
+                let outcome = call(args.rpc, &channel, &args, worker_index).await;
+                let micros = due.elapsed().as_micros().max(1) as u64;
+                drop(slot);
+                shared.completed.fetch_add(1, Ordering::Relaxed);
+                let mut result = result.lock().unwrap_or_else(PoisonError::into_inner);
+                result.histogram.saturating_record(micros);
+                if let Err(code) = outcome {
+                    shared.failed.fetch_add(1, Ordering::Relaxed);
+                    *result.errors.entry(code).or_insert(0) += 1;
+                }
+            });
+        }
+        // Reap finished calls so the set stays small.
+        while calls.try_join_next().is_some() {}
+    }
+    while calls.join_next().await.is_some() {}
+    let mut result = result.lock().unwrap_or_else(PoisonError::into_inner);
+    WorkerResult {
+        histogram: std::mem::replace(&mut result.histogram, new_histogram()),
+        errors: std::mem::take(&mut result.errors),
+    }
+}
+
 /// A histogram of 1 µs to 60 s at 3 significant digits.
 #[allow(clippy::expect_used)] // constant bounds that hdrhistogram accepts
 fn new_histogram() -> Histogram<u64> {
@@ -471,15 +557,25 @@ pub async fn run(args: &BenchArgs) -> ExitCode {
     let bench_args = Arc::new(args.clone());
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
-    for index in 0..args.concurrency {
-        let channel = channels[index as usize % channels.len()].clone();
-        workers.spawn(worker(
-            index,
-            channel,
+    if let Some(rate) = args.rate {
+        workers.spawn(open_loop(
+            rate,
+            channels.clone(),
             Arc::clone(&bench_args),
             limit,
             Arc::clone(&shared),
         ));
+    } else {
+        for index in 0..args.concurrency {
+            let channel = channels[index as usize % channels.len()].clone();
+            workers.spawn(worker(
+                index,
+                channel,
+                Arc::clone(&bench_args),
+                limit,
+                Arc::clone(&shared),
+            ));
+        }
     }
     let progress_shared = Arc::clone(&shared);
     let progress = tokio::spawn(async move {
@@ -526,6 +622,8 @@ pub async fn run(args: &BenchArgs) -> ExitCode {
         let report = serde_json::json!({
             "rpc": args.rpc.name(),
             "target": target,
+            "mode": if args.rate.is_some() { "open-loop" } else { "closed-loop" },
+            "rate": args.rate,
             "concurrency": args.concurrency,
             "connections": args.connections,
             "requests": requests,
@@ -544,10 +642,16 @@ pub async fn run(args: &BenchArgs) -> ExitCode {
     } else {
         let ms = |micros: u64| micros as f64 / 1000.0;
         println!("rpc          {} against {target}", args.rpc.name());
-        println!(
-            "concurrency  {} over {} connection(s)",
-            args.concurrency, args.connections
-        );
+        match args.rate {
+            Some(rate) => println!(
+                "open loop    {rate} req/s scheduled, at most {} in flight, over {} connection(s); latency from the scheduled start",
+                args.concurrency, args.connections
+            ),
+            None => println!(
+                "concurrency  {} over {} connection(s)",
+                args.concurrency, args.connections
+            ),
+        }
         println!("requests     {requests} in {elapsed:.2}s");
         println!("throughput   {rps:.0} req/s");
         println!(
