@@ -253,3 +253,61 @@ async fn an_empty_retry_budget_refuses_retries() -> anyhow::Result<()> {
     without_budget.stop().await?;
     fleet.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_deadline_cancels_the_nodes_work() -> anyhow::Result<()> {
+    let fleet = AgentFleet::start(1, |_, settings| {
+        settings.agent_service.local.latency_ms = 5_000;
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let gateway = GatewayNode::start(&gateway_settings(dir.path(), &fleet.endpoints)).await?;
+    let mut client = gateway.client().await?;
+    let mut agent = fleet.nodes[0].as_ref().unwrap().client().await?;
+
+    let mut request = tonic::Request::new(pb::ExecuteTaskRequest {
+        task: Some(task("slow")),
+    });
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "400m".parse().unwrap());
+    let call = tokio::spawn(async move { client.execute_task(request).await });
+    // The node is working on it...
+    let mut started = false;
+    for _ in 0..100 {
+        let load = agent
+            .get_load(agentmesh_proto::agent::GetLoadRequest {})
+            .await?
+            .into_inner();
+        if load.in_flight == 1 {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(started, "the node never started the task");
+    let status = call.await?.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    // The node stops working on it long before its 5 s generation ends.
+    let mut cancelled = false;
+    for _ in 0..100 {
+        let load = agent
+            .get_load(agentmesh_proto::agent::GetLoadRequest {})
+            .await?
+            .into_inner();
+        if load.in_flight == 0 {
+            cancelled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        cancelled,
+        "the node still runs the task the caller gave up on"
+    );
+    gateway.stop().await?;
+    fleet.shutdown().await
+}
