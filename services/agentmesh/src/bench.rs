@@ -73,6 +73,98 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     pub json: bool,
+    /// A Prometheus endpoint (e.g. http://127.0.0.1:9464/metrics) scraped
+    /// before and after the run: the report adds p50/p90/p99 of
+    /// `--histogram` over the run (from its bucket counts).
+    #[arg(long, requires = "histogram")]
+    pub metrics_url: Option<String>,
+    /// Histogram read from --metrics-url, all label sets summed (e.g.
+    /// agentmesh_gateway_overhead_seconds).
+    #[arg(long, requires = "metrics_url")]
+    pub histogram: Option<String>,
+}
+
+/// Cumulative bucket counts of one histogram: (upper bound, count).
+type Buckets = Vec<(f64, f64)>;
+
+/// Reads the cumulative buckets of `name` from a Prometheus text page,
+/// summing every label set.
+fn parse_buckets(page: &str, name: &str) -> Buckets {
+    let prefix = format!("{name}_bucket{{");
+    let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for line in page.lines().filter(|line| line.starts_with(&prefix)) {
+        let Some(le_at) = line.find("le=\"") else {
+            continue;
+        };
+        let rest = &line[le_at + 4..];
+        let Some(end) = rest.find('"') else { continue };
+        let le = &rest[..end];
+        let bound = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            match le.parse::<f64>() {
+                Ok(bound) => bound,
+                Err(_) => continue,
+            }
+        };
+        let Some(count) = line
+            .rsplit(' ')
+            .next()
+            .and_then(|value| value.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        sums.entry(le.to_owned()).or_insert((bound, 0.0)).1 += count;
+    }
+    let mut buckets: Buckets = sums.into_values().collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// The `q` quantile of the observations between two scrapes, interpolated
+/// linearly inside its bucket; `None` without observations.
+fn bucket_quantile(before: &Buckets, after: &Buckets, q: f64) -> Option<f64> {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(bound, count)| {
+            let earlier = before
+                .iter()
+                .find(|(b, _)| b == bound)
+                .map_or(0.0, |(_, c)| *c);
+            (*bound, count - earlier)
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for (bound, count) in delta {
+        if count >= rank {
+            if bound.is_infinite() {
+                return Some(lower.0);
+            }
+            let share = if count > lower.1 {
+                (rank - lower.1) / (count - lower.1)
+            } else {
+                0.0
+            };
+            return Some(lower.0 + (bound - lower.0) * share);
+        }
+        lower = (bound, count);
+    }
+    None
+}
+
+async fn scrape(url: &str, name: &str) -> Result<Buckets, String> {
+    let page = reqwest::get(url)
+        .await
+        .map_err(|error| format!("cannot scrape {url}: {error}"))?
+        .text()
+        .await
+        .map_err(|error| format!("cannot read {url}: {error}"))?;
+    Ok(parse_buckets(&page, name))
 }
 
 /// RPCs the bench can drive.
@@ -554,6 +646,16 @@ pub async fn run(args: &BenchArgs) -> ExitCode {
         completed: AtomicU64::new(0),
         failed: AtomicU64::new(0),
     });
+    let scraped_before = match (&args.metrics_url, &args.histogram) {
+        (Some(url), Some(name)) => match scrape(url, name).await {
+            Ok(buckets) => Some(buckets),
+            Err(message) => {
+                eprintln!("agentmesh bench: {message}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
     let bench_args = Arc::new(args.clone());
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
@@ -605,6 +707,19 @@ pub async fn run(args: &BenchArgs) -> ExitCode {
     }
     progress.abort();
     let elapsed = started.elapsed().as_secs_f64();
+    let scraped = match (&scraped_before, &args.metrics_url, &args.histogram) {
+        (Some(before), Some(url), Some(name)) => match scrape(url, name).await {
+            Ok(after) => Some(
+                [0.5, 0.9, 0.99]
+                    .map(|q| bucket_quantile(before, &after, q).map(|seconds| seconds * 1e6)),
+            ),
+            Err(message) => {
+                eprintln!("agentmesh bench: {message}");
+                None
+            }
+        },
+        _ => None,
+    };
     let requests = histogram.len();
     let rps = if elapsed > 0.0 {
         requests as f64 / elapsed
@@ -637,6 +752,12 @@ pub async fn run(args: &BenchArgs) -> ExitCode {
                 "max": histogram.max(),
             },
             "errors": errors,
+            "histogram": scraped.map(|[p50, p90, p99]| serde_json::json!({
+                "name": args.histogram,
+                "p50_us": p50,
+                "p90_us": p90,
+                "p99_us": p99,
+            })),
         });
         println!("{report}");
     } else {
@@ -662,6 +783,15 @@ pub async fn run(args: &BenchArgs) -> ExitCode {
             ms(percentile(0.999)),
             ms(histogram.max())
         );
+        if let (Some([p50, p90, p99]), Some(name)) = (scraped, &args.histogram) {
+            let us = |value: Option<f64>| value.map_or("-".to_owned(), |v| format!("{v:.1} µs"));
+            println!(
+                "{name}  p50 {}  p90 {}  p99 {} (server side, from buckets)",
+                us(p50),
+                us(p90),
+                us(p99)
+            );
+        }
         if errors.is_empty() {
             println!("errors       none");
         } else {
@@ -680,6 +810,32 @@ pub async fn run(args: &BenchArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_come_from_the_bucket_counts_added_during_the_run() {
+        let page = |counts: [u32; 4]| {
+            format!(
+                "# TYPE x_seconds histogram\n\
+                 x_seconds_bucket{{method=\"a\",le=\"0.00001\"}} {}\n\
+                 x_seconds_bucket{{method=\"a\",le=\"0.00002\"}} {}\n\
+                 x_seconds_bucket{{method=\"a\",le=\"0.00005\"}} {}\n\
+                 x_seconds_bucket{{method=\"a\",le=\"+Inf\"}} {}\n\
+                 x_seconds_sum{{method=\"a\"}} 1\n",
+                counts[0], counts[1], counts[2], counts[3]
+            )
+        };
+        let before = parse_buckets(&page([5, 5, 5, 5]), "x_seconds");
+        assert_eq!(before.len(), 4);
+        // 100 new observations: 50 under 10 µs, 40 in 10–20 µs, 10 in 20–50 µs.
+        let after = parse_buckets(&page([55, 95, 105, 105]), "x_seconds");
+        let p50 = bucket_quantile(&before, &after, 0.5).unwrap();
+        assert!((p50 - 0.00001).abs() < 1e-9, "{p50}");
+        let p90 = bucket_quantile(&before, &after, 0.9).unwrap();
+        assert!((p90 - 0.00002).abs() < 1e-9, "{p90}");
+        let p99 = bucket_quantile(&before, &after, 0.99).unwrap();
+        assert!(p99 > 0.00002 && p99 < 0.00005, "{p99}");
+        assert!(bucket_quantile(&after, &after, 0.5).is_none());
+    }
 
     #[test]
     fn parses_durations() {

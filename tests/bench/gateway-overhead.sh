@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Reproduces the gateway figures of the README: `agentmesh up` on the
+# embedded defaults (local provider, no artificial latency), then the same
+# task straight to the agent service and through the gateway, open loop at
+# 500 and 2,500 requests/s and closed loop at concurrency 32, with the
+# gateway's own time per task read from agentmesh_gateway_overhead_seconds.
+#
+#   cargo build --release -p agentmesh
+#   tests/bench/gateway-overhead.sh [seconds per run] [output dir]
+set -euo pipefail
+seconds=${1:-15}
+out=${2:-$(mktemp -d)}
+bin=${AGENTMESH_BIN:-target/release/agentmesh}
+data=$(mktemp -d)
+mkdir -p "$out"
+export AGENTMESH_AGENT_SERVICE__LOCAL__LATENCY_MS=0
+export AGENTMESH_AGENT_SERVICE__LOCAL__JITTER_MS=0
+export AGENTMESH_LOG=${AGENTMESH_LOG:-warn}
+"$bin" up --data-dir "$data" --log-format json >"$out/up.log" 2>&1 &
+up=$!
+trap 'kill "$up" 2>/dev/null; wait "$up" 2>/dev/null; rm -rf "$data"' EXIT
+for _ in $(seq 1 100); do
+  "$bin" bench --target 127.0.0.1:50051 --rpc health -n 1 >/dev/null 2>&1 && break
+  sleep 0.2
+done
+metrics=http://127.0.0.1:9464/metrics
+run() { # label, then bench flags
+  local label=$1
+  shift
+  printf '%-34s ' "$label"
+  "$bin" bench "$@" -d "${seconds}s" --connections 4 --json >"$out/$label.json" 2>/dev/null || true
+  python3 - "$out/$label.json" <<'PY' || cat "$out/$label.json"
+import json, sys
+r = json.load(open(sys.argv[1]))
+l = r["latency_us"]
+h = r.get("histogram") or {}
+extra = f"  overhead p50 {h.get('p50_us') or 0:.1f} µs p99 {h.get('p99_us') or 0:.1f} µs" if h else ""
+print(f"{r['rps']:8.0f} req/s  p50 {l['p50']:6d} µs  p99 {l['p99']:6d} µs  p99.9 {l['p999']:6d} µs  errors {sum(r['errors'].values())}{extra}")
+PY
+}
+# Warm both paths (connections, pools, JIT-free but caches).
+"$bin" bench --target 127.0.0.1:50052 --rpc agent.execute -d 2s >/dev/null 2>&1 || true
+"$bin" bench --target 127.0.0.1:50051 --rpc gateway.execute -d 2s >/dev/null 2>&1 || true
+for rate in 500 2500; do
+  run "agent.execute-rate-$rate" --target 127.0.0.1:50052 --rpc agent.execute --rate "$rate" -c 2000
+  run "gateway.execute-rate-$rate" --target 127.0.0.1:50051 --rpc gateway.execute --rate "$rate" -c 2000 \
+    --metrics-url "$metrics" --histogram agentmesh_gateway_overhead_seconds
+done
+run agent.execute-c32 --target 127.0.0.1:50052 --rpc agent.execute -c 32
+run gateway.execute-c32 --target 127.0.0.1:50051 --rpc gateway.execute -c 32 \
+  --metrics-url "$metrics" --histogram agentmesh_gateway_overhead_seconds
+echo "reports in $out"
