@@ -1174,3 +1174,35 @@ fn http_get(address: &str, path: &str) -> String {
     assert!(head.contains(" 200 "), "{head}");
     body.to_owned()
 }
+
+#[test]
+fn health_fails_when_nothing_listens() {
+    // Ports nobody listens on: reserved, then released.
+    let ports: Vec<u16> = (0..5)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|listener| listener.local_addr().unwrap().port())
+        .collect();
+    let env: Vec<(String, String)> = ["GATEWAY", "AGENT", "CONFIG", "AUDIT", "CACHE"]
+        .iter()
+        .zip(&ports)
+        .map(|(name, port)| (format!("AGENTMESH_PORTS__{name}"), port.to_string()))
+        .collect();
+    let (ok, _, stderr) = run_binary(&["health".to_owned()], &env);
+    assert!(!ok, "no listener must not be healthy");
+    assert!(stderr.contains("no gRPC listener"), "{stderr}");
+
+    let (ok, _, stderr) = run_binary(
+        &[
+            "health".to_owned(),
+            "--addr".to_owned(),
+            format!("http://127.0.0.1:{}", ports[0]),
+            "--timeout".to_owned(),
+            "1s".to_owned(),
+        ],
+        &[],
+    );
+    assert!(!ok, "a refused connection must not be healthy");
+    assert!(stderr.contains(&ports[0].to_string()), "{stderr}");
+}
