@@ -389,11 +389,47 @@ fn compose_services_run_commands_and_environment_the_binary_accepts() {
     for (name, service) in compose["services"].as_mapping().unwrap() {
         for volume in yaml_strings(&service["volumes"]) {
             let source = volume.split(':').next().unwrap();
-            assert!(
-                source.starts_with("./") || declared.contains(source),
-                "{name:?}: volume {volume} is neither a repository file nor a named volume"
-            );
+            match source.strip_prefix("./") {
+                Some(file) => assert!(
+                    repo_file("docker").join(file).is_file(),
+                    "{name:?}: mounts docker/{file}, which does not exist"
+                ),
+                None => assert!(
+                    declared.contains(source),
+                    "{name:?}: volume {volume} is not a declared named volume"
+                ),
+            }
         }
+    }
+    // Prometheus scrapes the admin endpoint of every agentmesh container.
+    let prometheus: Yaml = serde_norway::from_str(&read("docker/prometheus.yml")).unwrap();
+    let targets: BTreeSet<String> = prometheus["scrape_configs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|job| {
+            job["static_configs"]
+                .as_sequence()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .flat_map(|config| yaml_strings(&config["targets"]))
+        .collect();
+    for service in services.iter().filter(|service| service.name != "migrate") {
+        let dump = dry_run(
+            &format!("compose {}", service.name),
+            &service.command,
+            &service.env,
+        );
+        let target = format!(
+            "{}:{}",
+            service.name,
+            dump["ports"]["admin"].as_integer().unwrap()
+        );
+        assert!(
+            targets.contains(&target),
+            "docker/prometheus.yml does not scrape {target}"
+        );
     }
 }
 
