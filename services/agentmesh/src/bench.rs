@@ -227,7 +227,8 @@ impl BenchRpc {
     }
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+/// Parses a duration such as `10s`, `500ms`, `1m` or `2h`.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit() && c != '.')

@@ -50,6 +50,9 @@ pub enum Command {
     /// Load-tests an RPC, like ghz: live progress, then throughput,
     /// latency percentiles and errors by gRPC code.
     Bench(crate::bench::BenchArgs),
+    /// Checks a server with the gRPC health protocol: exit 0 when SERVING,
+    /// 1 otherwise (for container health checks).
+    Health(crate::health::HealthArgs),
     /// Audit log tools: verify the chain and signed checkpoints.
     Audit {
         /// What to do.

@@ -1,5 +1,5 @@
 //! The `agentmesh` binary: `up` (the whole suite in one process), `serve
-//! <service>`, `migrate`, `bench` and `audit`. Thin: it parses arguments, loads
+//! <service>`, `migrate`, `bench`, `audit` and `health`. Thin: it parses arguments, loads
 //! settings, starts telemetry and calls the service libraries.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -7,6 +7,7 @@
 mod audit_cli;
 mod bench;
 mod cli;
+mod health;
 mod run;
 
 use std::process::ExitCode;

@@ -22,6 +22,7 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
     let (args, services) = match &command {
         Command::Bench(args) => return crate::bench::run(args).await,
         Command::Audit { command } => return crate::audit_cli::run(command).await,
+        Command::Health(args) => return crate::health::run(args, config.as_deref()).await,
         Command::Up(args) => (
             args,
             vec![

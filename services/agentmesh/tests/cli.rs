@@ -234,8 +234,17 @@ async fn sigterm_lets_in_flight_calls_finish_then_exits_zero() -> anyhow::Result
     let metrics = tokio::task::spawn_blocking(move || http_get(&admin, "/metrics")).await??;
     assert!(metrics.contains("grpc_server_handled_total{"), "{metrics}");
     assert!(metrics.contains("grpc_method=\"Update\""), "{metrics}");
-    let admin = running.admin.clone();
-    let ready = tokio::task::spawn_blocking(move || http_get(&admin, "/readyz")).await??;
+    // The config service answers before every other service of `up` is
+    // ready: wait (bounded) for /readyz to say so.
+    let mut ready = String::new();
+    for _ in 0..100 {
+        let admin = running.admin.clone();
+        ready = tokio::task::spawn_blocking(move || http_get(&admin, "/readyz")).await??;
+        if ready.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
 
     // Hold SQLite's write lock so the next Update stays in flight.

@@ -6,6 +6,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod metric_descriptions;
 pub mod metrics_registry;
 pub mod propagation;
 

@@ -40,7 +40,9 @@ pub fn metrics_handle() -> Option<&'static PrometheusHandle> {
                     LATENCY_BUCKETS_SECONDS,
                 )
                 .ok()?;
-            builder.install_recorder().ok()
+            let handle = builder.install_recorder().ok()?;
+            crate::metric_descriptions::describe_all();
+            Some(handle)
         })
         .as_ref()
 }
