@@ -111,6 +111,8 @@ pub struct DatabaseSettings {
 pub struct EndpointSettings {
     /// Config service endpoint that `ConfigWatcher` connects to.
     pub config: String,
+    /// Audit service endpoint that the gateway sends its audit events to.
+    pub audit: String,
 }
 
 /// Behaviour of the config service.
@@ -500,6 +502,8 @@ pub struct GatewaySettings {
     /// Id of this gateway in responses and `GetCircuitStates`; `host:port`
     /// of the gateway listener when unset.
     pub gateway_id: Option<String>,
+    /// Workflow runs: definitions and limits.
+    pub workflows: WorkflowSettings,
 }
 
 impl Default for GatewaySettings {
@@ -508,7 +512,96 @@ impl Default for GatewaySettings {
             agent_endpoints: vec!["http://127.0.0.1:50052".to_owned()],
             fallback: GatewayFallback::Local,
             gateway_id: None,
+            workflows: WorkflowSettings::default(),
         }
+    }
+}
+
+/// Limits and sources of the gateway's workflow runs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkflowSettings {
+    /// Folder of YAML workflow definitions (`*.yaml`, `*.yml`);
+    /// `<data_dir>/workflows` when unset (a missing folder means none).
+    pub definitions_dir: Option<PathBuf>,
+    /// Most steps in one workflow.
+    pub max_steps: usize,
+    /// Most steps of one run executing at once.
+    pub max_parallel_steps: usize,
+    /// Most unfinished runs one gateway drives at once; beyond,
+    /// `RunWorkflow` is refused with RESOURCE_EXHAUSTED.
+    pub max_concurrent_runs: usize,
+    /// How long a gateway's claim on a run lasts without renewal; another
+    /// gateway (or this one restarted) takes over a run whose claim lapsed.
+    pub lease_seconds: u64,
+    /// How often the gateway renews its claims, looks for runs to take over,
+    /// re-reads project stops and decisions made on other replicas, and
+    /// how often watchers poll for events written elsewhere.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for WorkflowSettings {
+    fn default() -> Self {
+        Self {
+            definitions_dir: None,
+            max_steps: 32,
+            max_parallel_steps: 4,
+            max_concurrent_runs: 256,
+            lease_seconds: 30,
+            poll_interval_ms: 1000,
+        }
+    }
+}
+
+impl WorkflowSettings {
+    /// The definitions folder: the setting, else `<data_dir>/workflows`.
+    pub fn definitions_dir(&self, data_dir: &Path) -> PathBuf {
+        self.definitions_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("workflows"))
+    }
+
+    fn validate(&self, check: &mut impl FnMut(bool, &str, String, &str)) {
+        for (key, value, min, max) in [
+            ("gateway.workflows.max_steps", self.max_steps as u64, 1, 256),
+            (
+                "gateway.workflows.max_parallel_steps",
+                self.max_parallel_steps as u64,
+                1,
+                256,
+            ),
+            (
+                "gateway.workflows.max_concurrent_runs",
+                self.max_concurrent_runs as u64,
+                1,
+                100_000,
+            ),
+            (
+                "gateway.workflows.lease_seconds",
+                self.lease_seconds,
+                1,
+                3_600,
+            ),
+            (
+                "gateway.workflows.poll_interval_ms",
+                self.poll_interval_ms,
+                10,
+                60_000,
+            ),
+        ] {
+            check(
+                (min..=max).contains(&value),
+                key,
+                value.to_string(),
+                &format!("must be between {min} and {max}"),
+            );
+        }
+        check(
+            self.poll_interval_ms < self.lease_seconds * 1000,
+            "gateway.workflows.poll_interval_ms",
+            self.poll_interval_ms.to_string(),
+            "must be shorter than gateway.workflows.lease_seconds (claims are renewed every poll)",
+        );
     }
 }
 
@@ -543,6 +636,7 @@ impl GatewaySettings {
                 "must be 1 to 128 bytes",
             );
         }
+        self.workflows.validate(check);
     }
 }
 
@@ -628,6 +722,7 @@ impl Default for EndpointSettings {
     fn default() -> Self {
         Self {
             config: "http://127.0.0.1:50053".to_owned(),
+            audit: "http://127.0.0.1:50054".to_owned(),
         }
     }
 }
@@ -873,6 +968,13 @@ impl Settings {
                 || self.endpoints.config.starts_with("https://"),
             "endpoints.config",
             format!("{:?}", self.endpoints.config),
+            "must start with http:// or https://",
+        );
+        check(
+            self.endpoints.audit.starts_with("http://")
+                || self.endpoints.audit.starts_with("https://"),
+            "endpoints.audit",
+            format!("{:?}", self.endpoints.audit),
             "must start with http:// or https://",
         );
         check(
