@@ -127,7 +127,7 @@ impl GatewayService for GatewayGrpc {
     ) -> Result<Response<Self::WatchWorkflowRunStream>, Status> {
         let receiver = self
             .workflows
-            .watch(&request.get_ref().run_id)
+            .watch(&request.get_ref().run_id, request.get_ref().after_sequence)
             .await
             .map_err(workflow_status)?;
         Ok(Response::new(ReceiverStream::new(receiver)))

@@ -186,13 +186,66 @@ impl Workflows {
     /// (reloaded) and tells watchers. Returns whether it applied.
     async fn commit(&self, record: &mut RunRecord, change: Change) -> Result<bool, WorkflowError> {
         let run_id = record.run.run_id.clone();
-        let applied = self.store.apply(&run_id, change).await?;
-        if let Some(fresh) = self.store.load(&run_id).await? {
+        let applied = self.store.apply(&run_id, change.clone()).await?;
+        if applied {
+            patch(record, change);
+        } else if let Some(fresh) = self.store.load(&run_id).await? {
+            // Someone else changed the run (a decision, a cancel): re-read.
             *record = fresh;
         }
         let _ = self.changes.send(run_id);
         Ok(applied)
     }
+}
+
+/// Applies to the driver's copy of a run a change the database accepted,
+/// as [`Store::apply`](super::store::Store::apply) did (saves re-reading
+/// the run after every transition).
+fn patch(record: &mut RunRecord, change: Change) {
+    let now = now_micros();
+    if let Some((row, _)) = change.step
+        && let Some(current) = record.steps.iter_mut().find(|step| step.name == row.name)
+    {
+        *current = step::Model {
+            position: current.position,
+            agent_type: current.agent_type.clone(),
+            ..row
+        };
+    }
+    if let Some(written) = change.artifact {
+        match record
+            .artifacts
+            .iter_mut()
+            .find(|artifact| artifact.name == written.name)
+        {
+            Some(existing) => {
+                existing.kind = written.kind;
+                existing.step = written.step;
+                existing.content = written.content;
+                existing.version += 1;
+                existing.updated_at_micros = now;
+            }
+            None => record.artifacts.push(artifact::Model {
+                run_id: record.run.run_id.clone(),
+                version: 1,
+                updated_at_micros: now,
+                ..written
+            }),
+        }
+    }
+    if let Some(run_state) = change.run_state {
+        record.run.state = run_state;
+        if is_final(run_state) {
+            record.run.completed_at_micros = Some(now);
+        }
+    }
+    if let Some(error) = change.run_error {
+        record.run.error = error;
+    }
+    if change.event.is_some() {
+        record.run.last_event += 1;
+    }
+    record.run.updated_at_micros = now;
 }
 
 /// One run's driver: its steps, inputs and span.

@@ -874,12 +874,13 @@ impl Workflows {
         Ok(run_to_wire(&self.load(run_id).await?))
     }
 
-    /// A stream of the run: a snapshot, then its events as they are
-    /// written (by this gateway or another), ending after the event that
-    /// finishes the run.
+    /// A stream of the run: a snapshot (or, from `after_sequence`, the
+    /// events since), then its events as they are written (by this gateway
+    /// or another), ending after the event that finishes the run.
     pub async fn watch(
         self: &Arc<Self>,
         run_id: &str,
+        after_sequence: Option<u64>,
     ) -> Result<mpsc::Receiver<Result<pb::WatchWorkflowRunResponse, tonic::Status>>, WorkflowError>
     {
         Self::check_run_id(run_id)?;
@@ -889,16 +890,20 @@ impl Workflows {
         let workflows = Arc::clone(self);
         let run_id = run_id.to_owned();
         tokio::spawn(async move {
-            let mut last = record.run.last_event;
-            let mut finished = is_final(record.run.state);
-            let snapshot = pb::WatchWorkflowRunResponse {
-                update: Some(pb::watch_workflow_run_response::Update::Snapshot(
-                    run_to_wire(&record),
-                )),
+            let (mut last, mut finished) = match after_sequence {
+                Some(sequence) => (i64::try_from(sequence).unwrap_or(i64::MAX), false),
+                None => {
+                    let snapshot = pb::WatchWorkflowRunResponse {
+                        update: Some(pb::watch_workflow_run_response::Update::Snapshot(
+                            run_to_wire(&record),
+                        )),
+                    };
+                    if sender.send(Ok(snapshot)).await.is_err() {
+                        return;
+                    }
+                    (record.run.last_event, is_final(record.run.state))
+                }
             };
-            if sender.send(Ok(snapshot)).await.is_err() {
-                return;
-            }
             while !finished {
                 let events = match workflows
                     .store

@@ -389,9 +389,11 @@ impl Store {
         let now = now_micros();
         if let Some((row, expected)) = change.step {
             let name = row.name.clone();
-            let mut active = step::ActiveModel::from(row);
-            active.run_id = ActiveValue::Unchanged(run_id.to_owned());
-            active.name = ActiveValue::Unchanged(name.clone());
+            // Every column is written (`reset_all` marks them set), except
+            // the key and the columns a step never changes.
+            let mut active = step::ActiveModel::from(row).reset_all();
+            active.run_id = ActiveValue::NotSet;
+            active.name = ActiveValue::NotSet;
             active.position = ActiveValue::NotSet;
             active.agent_type = ActiveValue::NotSet;
             let updated = step::Entity::update_many()
