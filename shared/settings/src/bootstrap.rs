@@ -1310,6 +1310,47 @@ mod tests {
     }
 
     #[test]
+    fn workflow_limits_are_validated_and_loaded_from_files() {
+        let mut settings = Settings::default();
+        settings.gateway.workflows.max_steps = 0;
+        settings.gateway.workflows.poll_interval_ms = 40_000;
+        settings.gateway.workflows.lease_seconds = 30;
+        settings.endpoints.audit = "audit:50054".to_owned();
+        let violations = settings.validate().unwrap_err();
+        let keys: Vec<_> = violations.iter().map(|v| v.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "endpoints.audit",
+                "gateway.workflows.max_steps",
+                "gateway.workflows.poll_interval_ms"
+            ]
+        );
+        assert!(violations[2].rule.contains("lease_seconds"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(
+            &file,
+            "[gateway.workflows]\nmax_parallel_steps = 8\ndefinitions_dir = \"/etc/agentmesh/workflows\"\n",
+        )
+        .unwrap();
+        let loaded = Settings::load(Some(&file)).unwrap();
+        assert_eq!(loaded.gateway.workflows.max_parallel_steps, 8);
+        assert_eq!(
+            loaded.gateway.workflows.definitions_dir(&loaded.data_dir),
+            std::path::Path::new("/etc/agentmesh/workflows")
+        );
+        assert_eq!(
+            Settings::default()
+                .gateway
+                .workflows
+                .definitions_dir(Path::new("/data")),
+            Path::new("/data/workflows")
+        );
+    }
+
+    #[test]
     fn audit_section_is_validated_and_loaded_from_files() {
         let mut settings = Settings::default();
         settings.audit.max_batch_events = 0;

@@ -850,4 +850,17 @@ mod tests {
             .to_string();
         assert!(error.contains("stepz"), "{error}");
     }
+
+    #[test]
+    fn the_readme_example_is_a_valid_definition() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+                .unwrap();
+        let start = readme.find("# <data_dir>/workflows/review.yaml").unwrap();
+        let end = start + readme[start..].find("```").unwrap();
+        let definition = parse(&readme[start..end], "README.md", LIMITS).unwrap();
+        assert_eq!(definition.name, "review");
+        assert_eq!(definition.steps[1].requires, ["source_code"]);
+        assert!(definition.steps[1].approve_output && definition.steps[1].allow_fallback);
+    }
 }
