@@ -1170,3 +1170,81 @@ async fn six_step_workflow_wall_time_against_the_sum_of_its_steps() -> anyhow::R
     db.cleanup().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_step_uses_the_fallback_agent_only_when_allowed() -> anyhow::Result<()> {
+    let db = TestDatabase::new(Backend::Sqlite)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("cannot create a temp dir"))?;
+    // The node refuses every task: its provider does not serve the model.
+    let llm = LlmServer::start().await?;
+    let mut fleet = AgentFleet::start(1, |_, settings| {
+        settings.agent_service.openai.base_url = Some(llm.base_url());
+        settings.agent_service.openai.api_key_env = "AGENTMESH_TEST_NO_SUCH_KEY".to_owned();
+        settings.agent_service.openai.models = vec!["served-model".to_owned()];
+    })
+    .await?;
+    let gateway = GatewayNode::start(&gateway_settings(&db, &fleet.endpoints)).await?;
+    let mut client = gateway.client().await?;
+    let one_step = |allow_fallback: bool| {
+        let mut only = step("only", "coder", &[], &[("task", "x")]);
+        only.allow_fallback = allow_fallback;
+        inline("p1", vec![only], false)
+    };
+
+    let rescued = run(&mut client, one_step(true)).await?;
+    assert_eq!(
+        rescued.state,
+        pb::WorkflowState::Succeeded as i32,
+        "{rescued:?}"
+    );
+    let only = step_of(&rescued, "only");
+    assert!(only.degraded, "{only:?}");
+    assert!(
+        only.degraded_reason.contains("FAILED_PRECONDITION"),
+        "{only:?}"
+    );
+    assert_eq!(only.node_id, "gateway-wf");
+    assert_eq!(only.provider.as_ref().unwrap().provider, "local");
+
+    let failed = run(&mut client, one_step(false)).await?;
+    assert_eq!(failed.state, pb::WorkflowState::Failed as i32, "{failed:?}");
+    assert!(
+        failed
+            .error
+            .starts_with("step \"only\" (coder) failed: FAILED_PRECONDITION"),
+        "{}",
+        failed.error
+    );
+    assert_eq!(
+        step_of(&failed, "only").error.as_ref().unwrap().code,
+        Code::FailedPrecondition as i32
+    );
+
+    // No node at all: the gateway's own fallback answers, which a step
+    // without allow_fallback does not accept.
+    fleet.stop(0).await?;
+    let degraded = run(&mut client, one_step(false)).await?;
+    assert_eq!(
+        degraded.state,
+        pb::WorkflowState::Failed as i32,
+        "{degraded:?}"
+    );
+    assert!(
+        degraded.error.contains("does not allow fallback"),
+        "{}",
+        degraded.error
+    );
+    let accepted = run(&mut client, one_step(true)).await?;
+    assert_eq!(
+        accepted.state,
+        pb::WorkflowState::Succeeded as i32,
+        "{accepted:?}"
+    );
+    assert_eq!(llm.requests(), 0);
+
+    gateway.stop().await?;
+    fleet.shutdown().await?;
+    db.cleanup().await;
+    Ok(())
+}

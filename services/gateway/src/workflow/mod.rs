@@ -529,9 +529,10 @@ impl Workflows {
             })
             .unwrap_or_default();
         let run_ids: Vec<String> = runs.iter().map(|(run_id, _)| run_id.clone()).collect();
-        for (_, mut done) in runs {
-            let _ = tokio::time::timeout(Duration::from_secs(5), done.wait_for(|done| *done)).await;
-        }
+        let stopped = futures::future::join_all(runs.into_iter().map(|(_, mut done)| async move {
+            let _ = done.wait_for(|done| *done).await;
+        }));
+        let _ = tokio::time::timeout(Duration::from_secs(5), stopped).await;
         if let Err(error) = self.store.release(&self.owner, &run_ids).await {
             tracing::warn!(%error, "could not release workflow leases; they lapse by themselves");
         }
@@ -891,7 +892,14 @@ impl Workflows {
         let run_id = run_id.to_owned();
         tokio::spawn(async move {
             let (mut last, mut finished) = match after_sequence {
-                Some(sequence) => (i64::try_from(sequence).unwrap_or(i64::MAX), false),
+                Some(sequence) => {
+                    let after = i64::try_from(sequence).unwrap_or(i64::MAX);
+                    // Nothing more will come after the end of a finished run.
+                    (
+                        after,
+                        is_final(record.run.state) && after >= record.run.last_event,
+                    )
+                }
                 None => {
                     let snapshot = pb::WatchWorkflowRunResponse {
                         update: Some(pb::watch_workflow_run_response::Update::Snapshot(
