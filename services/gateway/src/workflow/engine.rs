@@ -944,3 +944,31 @@ impl Workflows {
         let _ = self.changes.send(run_id.to_owned());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_context_is_cut_on_a_character_boundary_and_marked() {
+        let text = "é".repeat(100);
+        let cut = bounded(text.clone(), 51);
+        assert!(cut.len() <= 51, "{}", cut.len());
+        assert!(cut.ends_with("[… truncated]"));
+        assert_eq!(bounded("short".to_owned(), 51), "short");
+    }
+
+    #[test]
+    fn the_fallback_never_answers_the_callers_own_mistakes() {
+        for code in [
+            Code::Unavailable,
+            Code::FailedPrecondition,
+            Code::DeadlineExceeded,
+        ] {
+            assert!(fallback_may_answer(code), "{code:?}");
+        }
+        for code in [Code::InvalidArgument, Code::NotFound, Code::Cancelled] {
+            assert!(!fallback_may_answer(code), "{code:?}");
+        }
+    }
+}
