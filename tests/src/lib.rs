@@ -27,6 +27,17 @@ pub enum Backend {
     Postgres,
 }
 
+/// Installs, once per test process, the telemetry the binary installs
+/// (logs plus the OpenTelemetry layer, exporting nothing), so spans carry
+/// W3C trace ids as in production: tests that check trace ids call it.
+pub fn install_tracing() {
+    static GUARD: std::sync::OnceLock<Option<agentmesh_telemetry::TelemetryGuard>> =
+        std::sync::OnceLock::new();
+    GUARD.get_or_init(|| {
+        agentmesh_telemetry::init("agentmesh-tests", agentmesh_settings::LogFormat::Pretty).ok()
+    });
+}
+
 pub(crate) fn require_services() -> bool {
     std::env::var("AGENTMESH_TEST_REQUIRE_SERVICES").is_ok_and(|value| value == "1")
 }

@@ -236,6 +236,12 @@ impl LlmServer {
         self.state.connections.load(Ordering::SeqCst)
     }
 
+    /// Requests in flight now (a request whose client went away is no
+    /// longer counted).
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
+    }
+
     /// Most requests in flight at once.
     pub fn max_in_flight(&self) -> usize {
         self.state.max_in_flight.load(Ordering::SeqCst)

@@ -92,6 +92,7 @@ async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     agentmesh_config::migrate(&database).await?;
     agentmesh_audit::migrate(&database).await?;
     agentmesh_agent::migrate(&database).await?;
+    agentmesh_gateway::migrate(&database).await?;
     tracing::info!("migrations applied");
     database.close().await;
     Ok(())
@@ -138,6 +139,18 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
             address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
         settings.endpoints.config = format!("http://{address}");
+    }
+    // Likewise the gateway sends audit events to this process's audit
+    // listener when there is one.
+    if let Some((_, listener)) = listeners
+        .iter()
+        .find(|(service, _)| *service == ServiceName::Audit)
+    {
+        let mut address = listener.local_addr()?;
+        if address.ip().is_unspecified() {
+            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        settings.endpoints.audit = format!("http://{address}");
     }
     // Likewise the gateway's default agent node is the agent listener of
     // this process when there is one (a configured list is kept).

@@ -26,6 +26,80 @@ pub enum GatewayError {
     /// The fallback agent refused or failed the task.
     #[error(transparent)]
     Fallback(#[from] agentmesh_agent::AgentError),
+    /// A workflow operation failed, or the task's project is stopped.
+    #[error(transparent)]
+    Workflow(#[from] WorkflowError),
+}
+
+/// Why a workflow operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkflowError {
+    /// The request is malformed.
+    #[error("invalid request")]
+    Invalid(Vec<FieldViolation>),
+    /// No run has this id.
+    #[error("workflow run {0:?} not found")]
+    RunNotFound(String),
+    /// No definition has this name.
+    #[error("workflow definition {0:?} not found (ListWorkflowDefinitions lists them)")]
+    DefinitionNotFound(String),
+    /// The run has no step of this name.
+    #[error("workflow run {run_id:?} has no step {step:?}")]
+    StepNotFound {
+        /// The run.
+        run_id: String,
+        /// The step asked for.
+        step: String,
+    },
+    /// The project is under an emergency stop.
+    #[error(
+        "project {project_id:?} is stopped (emergency stop by {stopped_by} at {stopped_at}: {reason}); ResumeProject lifts it"
+    )]
+    ProjectStopped {
+        /// The project.
+        project_id: String,
+        /// Why it was stopped.
+        reason: String,
+        /// Who stopped it.
+        stopped_by: String,
+        /// When (RFC 3339).
+        stopped_at: String,
+    },
+    /// The idempotency key was used for a different request.
+    #[error(
+        "idempotency_key {0:?} was already used for a different workflow request in this project"
+    )]
+    IdempotencyConflict(String),
+    /// The step is not waiting for a decision.
+    #[error("step {step:?} is {state}, not awaiting approval")]
+    NotAwaitingApproval {
+        /// The step.
+        step: String,
+        /// Its state.
+        state: &'static str,
+    },
+    /// The run already reached a final state.
+    #[error("workflow run {run_id:?} is already {state}")]
+    RunFinished {
+        /// The run.
+        run_id: String,
+        /// Its final state.
+        state: &'static str,
+    },
+    /// This gateway drives as many runs as it may.
+    #[error(
+        "this gateway already drives {0} unfinished workflow runs (gateway.workflows.max_concurrent_runs)"
+    )]
+    TooManyRuns(usize),
+    /// The gateway is shutting down.
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+    /// The database failed.
+    #[error("workflow store unavailable: {0}")]
+    Store(#[from] sea_orm::DbErr),
+    /// A stored run cannot be decoded.
+    #[error("stored workflow run is unreadable: {0}")]
+    Corrupt(String),
 }
 
 impl From<GatewayError> for Status {
@@ -41,6 +115,42 @@ impl From<GatewayError> for Status {
             GatewayError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
             GatewayError::Upstream(status) => status,
             GatewayError::Fallback(error) => error.into(),
+            GatewayError::Workflow(error) => error.into(),
+        }
+    }
+}
+
+impl From<WorkflowError> for Status {
+    fn from(error: WorkflowError) -> Self {
+        let message = error.to_string();
+        match error {
+            WorkflowError::Invalid(violations) => invalid_argument(&violations),
+            WorkflowError::RunNotFound(_)
+            | WorkflowError::DefinitionNotFound(_)
+            | WorkflowError::StepNotFound { .. } => Status::not_found(message),
+            WorkflowError::ProjectStopped { project_id, .. } => Status::with_error_details(
+                Code::FailedPrecondition,
+                message.clone(),
+                ErrorDetails::with_precondition_failure_violation(
+                    "PROJECT_STOPPED",
+                    format!("project/{project_id}"),
+                    message,
+                ),
+            ),
+            WorkflowError::IdempotencyConflict(_)
+            | WorkflowError::NotAwaitingApproval { .. }
+            | WorkflowError::RunFinished { .. } => Status::failed_precondition(message),
+            WorkflowError::TooManyRuns(_) => Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                ErrorDetails::with_retry_info(Some(Duration::from_secs(5))),
+            ),
+            WorkflowError::ShuttingDown | WorkflowError::Store(_) => Status::with_error_details(
+                Code::Unavailable,
+                message,
+                ErrorDetails::with_retry_info(Some(Duration::from_secs(1))),
+            ),
+            WorkflowError::Corrupt(_) => Status::internal(message),
         }
     }
 }

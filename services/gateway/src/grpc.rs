@@ -1,5 +1,6 @@
-//! The thin tonic face of the gateway: reads the caller's deadline, hands
-//! the wire messages to [`Gateway`], maps errors once.
+//! The thin tonic face of the gateway: reads the caller's deadline and
+//! identity, refuses work for stopped projects, hands the wire messages to
+//! [`Gateway`] or [`Workflows`], maps errors once.
 
 use std::sync::Arc;
 
@@ -9,18 +10,41 @@ use agentmesh_proto::gateway::gateway_service_server::GatewayService;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::error::GatewayError;
 use crate::service::Gateway;
+use crate::workflow::Workflows;
 
-/// `agentmesh.gateway.v1.GatewayService` over a [`Gateway`].
+/// `agentmesh.gateway.v1.GatewayService` over a [`Gateway`] and its
+/// [`Workflows`].
 pub struct GatewayGrpc {
     gateway: Arc<Gateway>,
+    workflows: Arc<Workflows>,
 }
 
 impl GatewayGrpc {
-    /// The service over `gateway`.
-    pub fn new(gateway: Arc<Gateway>) -> Self {
-        Self { gateway }
+    /// The service over `gateway` and `workflows`.
+    pub fn new(gateway: Arc<Gateway>, workflows: Arc<Workflows>) -> Self {
+        Self { gateway, workflows }
     }
+
+    /// Refuses a task whose project is under an emergency stop.
+    fn check_task(&self, task: Option<&pb::TaskSpec>) -> Result<(), Status> {
+        match task {
+            Some(task) => self
+                .workflows
+                .check_project(&task.project_id)
+                .map_err(|error| Status::from(GatewayError::from(error))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Who is calling: recorded with approvals, rejections, cancels and stops.
+/// For now the caller's peer address; with API keys, the key's id.
+pub fn caller_identity<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map_or_else(|| "unknown".to_owned(), |address| address.to_string())
 }
 
 #[tonic::async_trait]
@@ -30,6 +54,7 @@ impl GatewayService for GatewayGrpc {
         request: Request<pb::ExecuteTaskRequest>,
     ) -> Result<Response<pb::ExecuteTaskResponse>, Status> {
         let deadline = deadline_of(&request);
+        self.check_task(request.get_ref().task.as_ref())?;
         let response = self
             .gateway
             .execute(request.into_inner().task, "task", deadline)
@@ -44,6 +69,7 @@ impl GatewayService for GatewayGrpc {
         request: Request<pb::ExecuteTaskStreamRequest>,
     ) -> Result<Response<Self::ExecuteTaskStreamStream>, Status> {
         let deadline = deadline_of(&request);
+        self.check_task(request.get_ref().task.as_ref())?;
         let receiver = self
             .gateway
             .execute_stream(request.into_inner().task, deadline)
@@ -57,6 +83,9 @@ impl GatewayService for GatewayGrpc {
     ) -> Result<Response<pb::ExecuteBatchResponse>, Status> {
         let deadline = deadline_of(&request);
         let request = request.into_inner();
+        for task in &request.tasks {
+            self.check_task(Some(task))?;
+        }
         let results = self
             .gateway
             .execute_batch(request.tasks, request.max_concurrency, deadline)
@@ -66,20 +95,131 @@ impl GatewayService for GatewayGrpc {
 
     async fn run_workflow(
         &self,
-        _request: Request<pb::RunWorkflowRequest>,
+        request: Request<pb::RunWorkflowRequest>,
     ) -> Result<Response<pb::RunWorkflowResponse>, Status> {
-        Err(Status::unimplemented(
-            "workflows are not served by this gateway version yet",
-        ))
+        let deadline = deadline_of(&request);
+        let actor = caller_identity(&request);
+        let run = self
+            .workflows
+            .run(request.into_inner(), &actor, deadline)
+            .await
+            .map_err(workflow_status)?;
+        Ok(Response::new(pb::RunWorkflowResponse { run: Some(run) }))
     }
 
     async fn get_workflow_run(
         &self,
-        _request: Request<pb::GetWorkflowRunRequest>,
+        request: Request<pb::GetWorkflowRunRequest>,
     ) -> Result<Response<pb::GetWorkflowRunResponse>, Status> {
-        Err(Status::unimplemented(
-            "workflows are not served by this gateway version yet",
-        ))
+        let run = self
+            .workflows
+            .get(&request.get_ref().run_id)
+            .await
+            .map_err(workflow_status)?;
+        Ok(Response::new(pb::GetWorkflowRunResponse { run: Some(run) }))
+    }
+
+    type WatchWorkflowRunStream = ReceiverStream<Result<pb::WatchWorkflowRunResponse, Status>>;
+
+    async fn watch_workflow_run(
+        &self,
+        request: Request<pb::WatchWorkflowRunRequest>,
+    ) -> Result<Response<Self::WatchWorkflowRunStream>, Status> {
+        let receiver = self
+            .workflows
+            .watch(&request.get_ref().run_id, request.get_ref().after_sequence)
+            .await
+            .map_err(workflow_status)?;
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn approve_step(
+        &self,
+        request: Request<pb::ApproveStepRequest>,
+    ) -> Result<Response<pb::ApproveStepResponse>, Status> {
+        let actor = caller_identity(&request);
+        let request = request.into_inner();
+        let run = self
+            .workflows
+            .approve(&request.run_id, &request.step, &request.comment, &actor)
+            .await
+            .map_err(workflow_status)?;
+        Ok(Response::new(pb::ApproveStepResponse { run: Some(run) }))
+    }
+
+    async fn reject_step(
+        &self,
+        request: Request<pb::RejectStepRequest>,
+    ) -> Result<Response<pb::RejectStepResponse>, Status> {
+        let actor = caller_identity(&request);
+        let request = request.into_inner();
+        let run = self
+            .workflows
+            .reject(
+                &request.run_id,
+                &request.step,
+                &request.reason,
+                &request.amendment,
+                &actor,
+            )
+            .await
+            .map_err(workflow_status)?;
+        Ok(Response::new(pb::RejectStepResponse { run: Some(run) }))
+    }
+
+    async fn cancel_workflow_run(
+        &self,
+        request: Request<pb::CancelWorkflowRunRequest>,
+    ) -> Result<Response<pb::CancelWorkflowRunResponse>, Status> {
+        let actor = caller_identity(&request);
+        let request = request.into_inner();
+        let run = self
+            .workflows
+            .cancel(&request.run_id, &request.reason, &actor)
+            .await
+            .map_err(workflow_status)?;
+        Ok(Response::new(pb::CancelWorkflowRunResponse {
+            run: Some(run),
+        }))
+    }
+
+    async fn list_workflow_definitions(
+        &self,
+        _request: Request<pb::ListWorkflowDefinitionsRequest>,
+    ) -> Result<Response<pb::ListWorkflowDefinitionsResponse>, Status> {
+        Ok(Response::new(self.workflows.definitions()))
+    }
+
+    async fn stop_project(
+        &self,
+        request: Request<pb::StopProjectRequest>,
+    ) -> Result<Response<pb::StopProjectResponse>, Status> {
+        let actor = caller_identity(&request);
+        let request = request.into_inner();
+        let response = self
+            .workflows
+            .stop_project(
+                &request.project_id,
+                &request.reason,
+                request.cancel_runs,
+                &actor,
+            )
+            .await
+            .map_err(workflow_status)?;
+        Ok(Response::new(response))
+    }
+
+    async fn resume_project(
+        &self,
+        request: Request<pb::ResumeProjectRequest>,
+    ) -> Result<Response<pb::ResumeProjectResponse>, Status> {
+        let actor = caller_identity(&request);
+        let response = self
+            .workflows
+            .resume_project(&request.get_ref().project_id, &actor)
+            .await
+            .map_err(workflow_status)?;
+        Ok(Response::new(response))
     }
 
     async fn get_circuit_states(
@@ -88,4 +228,8 @@ impl GatewayService for GatewayGrpc {
     ) -> Result<Response<pb::GetCircuitStatesResponse>, Status> {
         Ok(Response::new(self.gateway.circuit_states()))
     }
+}
+
+fn workflow_status(error: crate::error::WorkflowError) -> Status {
+    Status::from(GatewayError::from(error))
 }

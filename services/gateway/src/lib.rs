@@ -10,7 +10,9 @@
 //! - [`fleet`]: the node set, DNS re-resolution and load polling;
 //! - [`node`]: nodes, their breakers and the p2c choice;
 //! - [`service`]: the logic; [`grpc`]: the thin tonic face;
-//! - [`fallback`]: the in-process fallback agent; [`error`]: errors → statuses.
+//! - [`fallback`]: the in-process fallback agent; [`error`]: errors → statuses;
+//! - [`workflow`]: durable multi-agent workflow runs, approvals, cancels
+//!   and per-project emergency stops; [`migration`]: the gateway's schema.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -18,14 +20,17 @@ pub mod error;
 pub mod fallback;
 pub mod fleet;
 pub mod grpc;
+pub mod migration;
 pub mod node;
 pub mod service;
+pub mod workflow;
 
 use std::sync::Arc;
 
 use agentmesh_agent::catalogue::Catalogue;
 use agentmesh_agent::provider::local::LocalProvider;
 use agentmesh_client::ConfigWatcher;
+use agentmesh_db::Database;
 use agentmesh_proto::gateway::gateway_service_server::GatewayServiceServer;
 use agentmesh_runtime::{GrpcServer, Readiness};
 use agentmesh_settings::{GatewayFallback, Settings};
@@ -50,6 +55,20 @@ pub enum ServeError {
     /// The listener has no local address.
     #[error("cannot read the listener address: {0}")]
     Listener(#[from] std::io::Error),
+    /// The database could not be reached or migrated.
+    #[error(transparent)]
+    Database(#[from] agentmesh_db::DbError),
+    /// A workflow definition file is invalid.
+    #[error(transparent)]
+    Definitions(#[from] workflow::definition::DefinitionError),
+    /// Runs could not be resumed at start-up.
+    #[error("cannot resume workflow runs: {0}")]
+    Workflows(#[from] GatewayError),
+}
+
+/// Applies the gateway's migrations (what `agentmesh migrate` runs).
+pub async fn migrate(database: &Database) -> Result<(), agentmesh_db::DbError> {
+    database.migrate::<migration::Migrator>().await
 }
 
 /// Builds the gateway from settings: one node per
@@ -85,8 +104,9 @@ pub fn build(
     Ok(Gateway::new(gateway_id, fleet, watcher, fallback, retry))
 }
 
-/// Serves `agentmesh.gateway.v1.GatewayService` on `listener` until
-/// `shutdown`.
+/// Connects and migrates the database, loads the workflow definitions,
+/// resumes the runs this gateway may drive, and serves
+/// `agentmesh.gateway.v1.GatewayService` on `listener` until `shutdown`.
 pub async fn serve(
     settings: &Settings,
     listener: TcpListener,
@@ -100,7 +120,7 @@ pub async fn serve(
         .clone()
         .unwrap_or_else(|| format!("gateway@{address}"));
     let watcher = ConfigWatcher::start(&settings.endpoints.config, &settings.defaults, &shutdown)?;
-    let gateway = Arc::new(build(settings, gateway_id, watcher.clone())?);
+    let gateway = Arc::new(build(settings, gateway_id.clone(), watcher.clone())?);
     {
         // Resolve names before serving, then keep nodes and loads current.
         let watcher = watcher.clone();
@@ -108,19 +128,48 @@ pub async fn serve(
         gateway.fleet().refresh(config()).await;
         gateway.fleet().spawn(config, &shutdown);
     }
+    let limits = workflow::definition::Limits {
+        max_steps: settings.gateway.workflows.max_steps,
+    };
+    let definitions = workflow::definition::Definitions::load(
+        &settings
+            .gateway
+            .workflows
+            .definitions_dir(&settings.data_dir),
+        limits,
+    )?;
+    let database = Database::connect(settings).await?;
+    migrate(&database).await?;
+    let workflows = workflow::Workflows::new(
+        Arc::clone(&gateway),
+        workflow::store::Store::new(database.clone()),
+        definitions,
+        settings.gateway.workflows.clone(),
+        gateway_id,
+        workflow::audit::AuditSink::new(&settings.endpoints.audit),
+        shutdown.child_token(),
+    );
+    if let Err(error) = workflows.start().await {
+        watcher.stop();
+        database.close().await;
+        return Err(ServeError::Workflows(error.into()));
+    }
     tracing::info!(
         gateway_id = gateway.gateway_id(),
         nodes = settings.gateway.agent_endpoints.len(),
         fallback = ?settings.gateway.fallback,
         "gateway starting"
     );
-    let service = GatewayServiceServer::new(grpc::GatewayGrpc::new(gateway))
-        .max_decoding_message_size(settings.server.max_message_bytes)
-        .max_encoding_message_size(settings.server.max_message_bytes);
+    let service =
+        GatewayServiceServer::new(grpc::GatewayGrpc::new(gateway, Arc::clone(&workflows)))
+            .max_decoding_message_size(settings.server.max_message_bytes)
+            .max_encoding_message_size(settings.server.max_message_bytes);
     let result = GrpcServer::new(&settings.server, readiness)
         .add_service(service, agentmesh_proto::FILE_DESCRIPTOR_SET)
         .serve(listener, shutdown)
         .await;
+    workflows.stop().await;
     watcher.stop();
+    database.close().await;
     result.map_err(ServeError::from)
 }

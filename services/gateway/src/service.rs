@@ -556,6 +556,45 @@ impl Gateway {
         states
     }
 
+    /// Runs one task on the in-process fallback agent only (degraded,
+    /// `degraded_reason = reason`), for callers that allow it after the
+    /// nodes failed the task (workflow steps with `allow_fallback`).
+    /// UNAVAILABLE when no fallback agent is configured.
+    pub async fn execute_fallback(
+        &self,
+        task: Option<pb::TaskSpec>,
+        field: &str,
+        deadline: Option<Instant>,
+        reason: String,
+    ) -> Result<pb::ExecuteTaskResponse, GatewayError> {
+        let started = Instant::now();
+        let deadline = working_deadline(deadline);
+        let task = self.check(task, field)?;
+        let Some(fallback) = &self.fallback else {
+            return Err(GatewayError::Unavailable(reason));
+        };
+        let live = self.live(&task.spec);
+        let completion = fallback
+            .execute(&task.spec, &live, &task.field, deadline, None)
+            .await?;
+        observe("degraded", 0, started);
+        Ok(pb::ExecuteTaskResponse {
+            task_id: task.task_id,
+            execution_id: String::new(),
+            usage: Some(usage(&completion.usage)),
+            provider: Some(local_provider(&completion.model)),
+            output: completion.output,
+            node_id: self.gateway_id.clone(),
+            degraded: true,
+            degraded_reason: reason,
+            cache_hit: false,
+            attempts: 0,
+            finish_reason: finish_number(completion.finish),
+            latency: Some(duration(started.elapsed())),
+            trace_id: trace_id(),
+        })
+    }
+
     /// `GetCircuitStates` as the wire wants it.
     pub fn circuit_states(&self) -> pb::GetCircuitStatesResponse {
         pb::GetCircuitStatesResponse {

@@ -111,6 +111,8 @@ pub struct DatabaseSettings {
 pub struct EndpointSettings {
     /// Config service endpoint that `ConfigWatcher` connects to.
     pub config: String,
+    /// Audit service endpoint that the gateway sends its audit events to.
+    pub audit: String,
 }
 
 /// Behaviour of the config service.
@@ -517,6 +519,8 @@ pub struct GatewaySettings {
     /// How often each node's `GetLoad` is polled, in milliseconds (100 to
     /// 60,000): the node's own queue and draining flag inform the choice.
     pub load_poll_interval_ms: u64,
+    /// Workflow runs: definitions and limits.
+    pub workflows: WorkflowSettings,
 }
 
 impl Default for GatewaySettings {
@@ -530,7 +534,96 @@ impl Default for GatewaySettings {
             retry_min_per_second: 10,
             discovery_interval_ms: 5_000,
             load_poll_interval_ms: 1_000,
+            workflows: WorkflowSettings::default(),
         }
+    }
+}
+
+/// Limits and sources of the gateway's workflow runs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkflowSettings {
+    /// Folder of YAML workflow definitions (`*.yaml`, `*.yml`);
+    /// `<data_dir>/workflows` when unset (a missing folder means none).
+    pub definitions_dir: Option<PathBuf>,
+    /// Most steps in one workflow.
+    pub max_steps: usize,
+    /// Most steps of one run executing at once.
+    pub max_parallel_steps: usize,
+    /// Most unfinished runs one gateway drives at once; beyond,
+    /// `RunWorkflow` is refused with RESOURCE_EXHAUSTED.
+    pub max_concurrent_runs: usize,
+    /// How long a gateway's claim on a run lasts without renewal; another
+    /// gateway (or this one restarted) takes over a run whose claim lapsed.
+    pub lease_seconds: u64,
+    /// How often the gateway renews its claims, looks for runs to take over,
+    /// re-reads project stops and decisions made on other replicas, and
+    /// how often watchers poll for events written elsewhere.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for WorkflowSettings {
+    fn default() -> Self {
+        Self {
+            definitions_dir: None,
+            max_steps: 32,
+            max_parallel_steps: 4,
+            max_concurrent_runs: 256,
+            lease_seconds: 30,
+            poll_interval_ms: 1000,
+        }
+    }
+}
+
+impl WorkflowSettings {
+    /// The definitions folder: the setting, else `<data_dir>/workflows`.
+    pub fn definitions_dir(&self, data_dir: &Path) -> PathBuf {
+        self.definitions_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("workflows"))
+    }
+
+    fn validate(&self, check: &mut impl FnMut(bool, &str, String, &str)) {
+        for (key, value, min, max) in [
+            ("gateway.workflows.max_steps", self.max_steps as u64, 1, 256),
+            (
+                "gateway.workflows.max_parallel_steps",
+                self.max_parallel_steps as u64,
+                1,
+                256,
+            ),
+            (
+                "gateway.workflows.max_concurrent_runs",
+                self.max_concurrent_runs as u64,
+                1,
+                100_000,
+            ),
+            (
+                "gateway.workflows.lease_seconds",
+                self.lease_seconds,
+                1,
+                3_600,
+            ),
+            (
+                "gateway.workflows.poll_interval_ms",
+                self.poll_interval_ms,
+                10,
+                60_000,
+            ),
+        ] {
+            check(
+                (min..=max).contains(&value),
+                key,
+                value.to_string(),
+                &format!("must be between {min} and {max}"),
+            );
+        }
+        check(
+            self.poll_interval_ms < self.lease_seconds * 1000,
+            "gateway.workflows.poll_interval_ms",
+            self.poll_interval_ms.to_string(),
+            "must be shorter than gateway.workflows.lease_seconds (claims are renewed every poll)",
+        );
     }
 }
 
@@ -595,6 +688,7 @@ impl GatewaySettings {
             self.load_poll_interval_ms.to_string(),
             "must be 100 to 60000",
         );
+        self.workflows.validate(check);
     }
 }
 
@@ -680,6 +774,7 @@ impl Default for EndpointSettings {
     fn default() -> Self {
         Self {
             config: "http://127.0.0.1:50053".to_owned(),
+            audit: "http://127.0.0.1:50054".to_owned(),
         }
     }
 }
@@ -925,6 +1020,13 @@ impl Settings {
                 || self.endpoints.config.starts_with("https://"),
             "endpoints.config",
             format!("{:?}", self.endpoints.config),
+            "must start with http:// or https://",
+        );
+        check(
+            self.endpoints.audit.starts_with("http://")
+                || self.endpoints.audit.starts_with("https://"),
+            "endpoints.audit",
+            format!("{:?}", self.endpoints.audit),
             "must start with http:// or https://",
         );
         check(
@@ -1256,6 +1358,47 @@ mod tests {
         assert_eq!(
             Settings::default().gateway.agent_endpoints,
             ["http://127.0.0.1:50052"]
+        );
+    }
+
+    #[test]
+    fn workflow_limits_are_validated_and_loaded_from_files() {
+        let mut settings = Settings::default();
+        settings.gateway.workflows.max_steps = 0;
+        settings.gateway.workflows.poll_interval_ms = 40_000;
+        settings.gateway.workflows.lease_seconds = 30;
+        settings.endpoints.audit = "audit:50054".to_owned();
+        let violations = settings.validate().unwrap_err();
+        let keys: Vec<_> = violations.iter().map(|v| v.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "endpoints.audit",
+                "gateway.workflows.max_steps",
+                "gateway.workflows.poll_interval_ms"
+            ]
+        );
+        assert!(violations[2].rule.contains("lease_seconds"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(
+            &file,
+            "[gateway.workflows]\nmax_parallel_steps = 8\ndefinitions_dir = \"/etc/agentmesh/workflows\"\n",
+        )
+        .unwrap();
+        let loaded = Settings::load(Some(&file)).unwrap();
+        assert_eq!(loaded.gateway.workflows.max_parallel_steps, 8);
+        assert_eq!(
+            loaded.gateway.workflows.definitions_dir(&loaded.data_dir),
+            std::path::Path::new("/etc/agentmesh/workflows")
+        );
+        assert_eq!(
+            Settings::default()
+                .gateway
+                .workflows
+                .definitions_dir(Path::new("/data")),
+            Path::new("/data/workflows")
         );
     }
 

@@ -15,6 +15,6 @@ pub mod live;
 
 pub use bootstrap::{
     AgentServiceSettings, CacheServiceSettings, GatewayFallback, GatewaySettings, LoadError,
-    LogFormat, ProviderKind, SanitizePolicy, Settings, Violation,
+    LogFormat, ProviderKind, SanitizePolicy, Settings, Violation, WorkflowSettings,
 };
 pub use live::{LiveSettings, Scope};

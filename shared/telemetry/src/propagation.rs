@@ -70,6 +70,44 @@ pub fn span_trace_id(span: &tracing::Span) -> Option<String> {
         .then(|| span_context.trace_id().to_string())
 }
 
+/// Returns the trace id and span id of `span` as hex (32 and 16 digits),
+/// if it has a valid context: what a long-running job stores so that it
+/// can continue its trace after a restart (see [`continue_trace`]).
+pub fn span_ids(span: &tracing::Span) -> Option<(String, String)> {
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    span_context.is_valid().then(|| {
+        (
+            span_context.trace_id().to_string(),
+            span_context.span_id().to_string(),
+        )
+    })
+}
+
+/// Makes `span` a child of span `span_id` of trace `trace_id` (hex, as
+/// [`span_ids`] returns them), so work resumed in another process joins
+/// the trace it started in. Returns false when the ids are malformed or no
+/// OpenTelemetry layer is installed.
+pub fn continue_trace(span: &tracing::Span, trace_id: &str, span_id: &str) -> bool {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+    let (Ok(trace_id), Ok(span_id)) = (TraceId::from_hex(trace_id), SpanId::from_hex(span_id))
+    else {
+        return false;
+    };
+    let remote = SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    if !remote.is_valid() {
+        return false;
+    }
+    let parent = opentelemetry::Context::new().with_remote_span_context(remote);
+    span.set_parent(parent).is_ok()
+}
+
 /// A tonic interceptor that injects the current span's trace context into
 /// every outgoing request.
 #[derive(Clone, Copy, Debug, Default)]
@@ -133,6 +171,25 @@ mod tests {
             );
             // A new span id: the outgoing call is a child, not the caller.
             assert!(!traceparent.contains("00f067aa0ba902b7"), "{traceparent}");
+        });
+    }
+
+    #[test]
+    fn a_resumed_span_continues_the_stored_trace() {
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let first = tracing::info_span!("run");
+            let (trace_id, span_id) = span_ids(&first).unwrap();
+            assert_eq!(trace_id.len(), 32);
+            assert_eq!(span_id.len(), 16);
+            let resumed = tracing::info_span!(parent: None, "resumed");
+            assert!(continue_trace(&resumed, &trace_id, &span_id));
+            assert_eq!(span_trace_id(&resumed).unwrap(), trace_id);
+            let child = tracing::info_span!(parent: &resumed, "step");
+            assert_eq!(span_trace_id(&child).unwrap(), trace_id);
+            assert!(!continue_trace(&resumed, "nothex", &span_id));
         });
     }
 }

@@ -1,0 +1,20 @@
+//! Schema of the gateway, applied at start-up and by `agentmesh migrate`,
+//! with its own migration table.
+
+use sea_orm_migration::prelude::*;
+
+mod m20261127_000002_workflows;
+
+/// The gateway's migrations.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261127_000002_workflows::Migration)]
+    }
+
+    fn migration_table_name() -> DynIden {
+        Alias::new("agentmesh_gateway_migrations").into_iden()
+    }
+}
