@@ -18,7 +18,10 @@ fn collect_protos(dir: &Path, found: &mut Vec<PathBuf>) -> std::io::Result<()> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not compile time: a build script binary reused
+    // from a copied target directory must still read this checkout's files.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
+    let proto_root = Path::new(&manifest_dir).join("../../proto");
     let mut files = Vec::new();
     collect_protos(&proto_root.join("agentmesh"), &mut files)?;
     files.sort();
