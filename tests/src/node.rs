@@ -32,6 +32,35 @@ impl ServiceNode {
         E: std::error::Error + Send + Sync + 'static,
     {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(what, listener, serve).await
+    }
+
+    /// Like [`ServiceNode::start`], on `address` (to bring a stopped
+    /// service back where its clients expect it).
+    pub async fn start_at<Serve, Fut, E>(
+        what: &str,
+        address: SocketAddr,
+        serve: Serve,
+    ) -> anyhow::Result<Self>
+    where
+        Serve: FnOnce(TcpListener, Readiness, CancellationToken) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind(address).await?;
+        Self::start_on(what, listener, serve).await
+    }
+
+    async fn start_on<Serve, Fut, E>(
+        what: &str,
+        listener: TcpListener,
+        serve: Serve,
+    ) -> anyhow::Result<Self>
+    where
+        Serve: FnOnce(TcpListener, Readiness, CancellationToken) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
+    {
         let address = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let readiness = Readiness::default();
@@ -96,6 +125,20 @@ macro_rules! service_node {
             pub async fn start(settings: &agentmesh_settings::Settings) -> anyhow::Result<Self> {
                 let settings = settings.clone();
                 let node = $crate::node::ServiceNode::start($what, move |listener, readiness, shutdown| async move {
+                    $serve(&settings, listener, readiness, shutdown).await
+                })
+                .await?;
+                Ok(Self(node))
+            }
+
+            /// Starts the service on `address` (where a stopped one ran)
+            /// and waits until ready.
+            pub async fn start_at(
+                settings: &agentmesh_settings::Settings,
+                address: std::net::SocketAddr,
+            ) -> anyhow::Result<Self> {
+                let settings = settings.clone();
+                let node = $crate::node::ServiceNode::start_at($what, address, move |listener, readiness, shutdown| async move {
                     $serve(&settings, listener, readiness, shutdown).await
                 })
                 .await?;

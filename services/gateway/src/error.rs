@@ -26,6 +26,43 @@ pub enum GatewayError {
     /// The fallback agent refused or failed the task.
     #[error(transparent)]
     Fallback(#[from] agentmesh_agent::AgentError),
+    /// The audit buffer is full and `gateway.audit.overflow = fail_closed`:
+    /// no task runs without its audit event.
+    #[error(
+        "audit buffer full ({capacity} events waiting for the audit service): task refused (gateway.audit.overflow = fail_closed)"
+    )]
+    AuditBufferFull {
+        /// The buffer's capacity.
+        capacity: usize,
+    },
+}
+
+/// `ErrorInfo.reason` of a task refused because the audit buffer is full.
+pub const AUDIT_BUFFER_FULL_REASON: &str = "AUDIT_BUFFER_FULL";
+/// `ErrorInfo.domain` of the gateway's own reasons.
+pub const ERROR_DOMAIN: &str = "gateway.agentmesh";
+
+impl GatewayError {
+    /// The message the caller gets with the status.
+    pub fn message(&self) -> String {
+        match self {
+            GatewayError::Invalid(violations) => invalid_argument(violations).message().to_owned(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The gRPC code this error maps to.
+    pub fn code(&self) -> Code {
+        match self {
+            GatewayError::Invalid(_) => Code::InvalidArgument,
+            GatewayError::Unavailable(_) | GatewayError::AuditBufferFull { .. } => {
+                Code::Unavailable
+            }
+            GatewayError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            GatewayError::Upstream(status) => status.code(),
+            GatewayError::Fallback(error) => agentmesh_agent::service::status_code_of(error),
+        }
+    }
 }
 
 impl From<GatewayError> for Status {
@@ -41,6 +78,15 @@ impl From<GatewayError> for Status {
             GatewayError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
             GatewayError::Upstream(status) => status,
             GatewayError::Fallback(error) => error.into(),
+            GatewayError::AuditBufferFull { .. } => {
+                let mut details = ErrorDetails::with_retry_info(Some(Duration::from_secs(1)));
+                details.set_error_info(
+                    AUDIT_BUFFER_FULL_REASON,
+                    ERROR_DOMAIN,
+                    std::collections::HashMap::new(),
+                );
+                Status::with_error_details(Code::Unavailable, message, details)
+            }
         }
     }
 }

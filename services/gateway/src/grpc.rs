@@ -1,5 +1,6 @@
-//! The thin tonic face of the gateway: reads the caller's deadline, hands
-//! the wire messages to [`Gateway`], maps errors once.
+//! The thin tonic face of the gateway: reads the caller's deadline and
+//! identity, hands the wire messages to [`Gateway`], maps errors once, and
+//! returns `x-trace-id` / `x-request-id` in the metadata of every answer.
 
 use std::sync::Arc;
 
@@ -9,6 +10,8 @@ use agentmesh_proto::gateway::gateway_service_server::GatewayService;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::around::Rpc;
+use crate::metadata::CallMeta;
 use crate::service::Gateway;
 
 /// `agentmesh.gateway.v1.GatewayService` over a [`Gateway`].
@@ -30,11 +33,19 @@ impl GatewayService for GatewayGrpc {
         request: Request<pb::ExecuteTaskRequest>,
     ) -> Result<Response<pb::ExecuteTaskResponse>, Status> {
         let deadline = deadline_of(&request);
+        let call = CallMeta::of(&request);
         let response = self
             .gateway
-            .execute(request.into_inner().task, "task", deadline)
-            .await?;
-        Ok(Response::new(response))
+            .execute(
+                request.into_inner().task,
+                "task",
+                deadline,
+                &call,
+                Rpc::ExecuteTask,
+            )
+            .await
+            .map_err(|error| call.fail(error.into()))?;
+        Ok(call.respond(response))
     }
 
     type ExecuteTaskStreamStream = ReceiverStream<Result<pb::ExecuteTaskStreamResponse, Status>>;
@@ -44,11 +55,13 @@ impl GatewayService for GatewayGrpc {
         request: Request<pb::ExecuteTaskStreamRequest>,
     ) -> Result<Response<Self::ExecuteTaskStreamStream>, Status> {
         let deadline = deadline_of(&request);
+        let call = CallMeta::of(&request);
         let receiver = self
             .gateway
-            .execute_stream(request.into_inner().task, deadline)
-            .await?;
-        Ok(Response::new(ReceiverStream::new(receiver)))
+            .execute_stream(request.into_inner().task, deadline, &call)
+            .await
+            .map_err(|error| call.fail(error.into()))?;
+        Ok(call.respond(ReceiverStream::new(receiver)))
     }
 
     async fn execute_batch(
@@ -56,12 +69,14 @@ impl GatewayService for GatewayGrpc {
         request: Request<pb::ExecuteBatchRequest>,
     ) -> Result<Response<pb::ExecuteBatchResponse>, Status> {
         let deadline = deadline_of(&request);
+        let call = CallMeta::of(&request);
         let request = request.into_inner();
         let results = self
             .gateway
-            .execute_batch(request.tasks, request.max_concurrency, deadline)
-            .await?;
-        Ok(Response::new(pb::ExecuteBatchResponse { results }))
+            .execute_batch(request.tasks, request.max_concurrency, deadline, &call)
+            .await
+            .map_err(|error| call.fail(error.into()))?;
+        Ok(call.respond(pb::ExecuteBatchResponse { results }))
     }
 
     async fn run_workflow(
