@@ -65,7 +65,7 @@ impl AgentFleet {
     /// Starts stopped node `index` again, on its old address and database.
     pub async fn restart(&mut self, index: usize) -> anyhow::Result<()> {
         anyhow::ensure!(self.nodes[index].is_none(), "node {index} is running");
-        let node = AgentNode::start_on(&self.settings[index], self.addresses[index]).await?;
+        let node = AgentNode::start_at(&self.settings[index], self.addresses[index]).await?;
         self.nodes[index] = Some(node);
         Ok(())
     }

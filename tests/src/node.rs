@@ -31,12 +31,13 @@ impl ServiceNode {
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: std::error::Error + Send + Sync + 'static,
     {
-        Self::start_on(what, "127.0.0.1:0".parse()?, serve).await
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(what, listener, serve).await
     }
 
-    /// As [`ServiceNode::start`], on `address` (to bring a stopped service
-    /// back where its clients expect it).
-    pub async fn start_on<Serve, Fut, E>(
+    /// Like [`ServiceNode::start`], on `address` (to bring a stopped
+    /// service back where its clients expect it).
+    pub async fn start_at<Serve, Fut, E>(
         what: &str,
         address: SocketAddr,
         serve: Serve,
@@ -47,6 +48,19 @@ impl ServiceNode {
         E: std::error::Error + Send + Sync + 'static,
     {
         let listener = TcpListener::bind(address).await?;
+        Self::start_on(what, listener, serve).await
+    }
+
+    async fn start_on<Serve, Fut, E>(
+        what: &str,
+        listener: TcpListener,
+        serve: Serve,
+    ) -> anyhow::Result<Self>
+    where
+        Serve: FnOnce(TcpListener, Readiness, CancellationToken) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
+    {
         let address = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let readiness = Readiness::default();
@@ -117,13 +131,14 @@ macro_rules! service_node {
                 Ok(Self(node))
             }
 
-            /// Starts the service on `address` and waits until ready.
-            pub async fn start_on(
+            /// Starts the service on `address` (where a stopped one ran)
+            /// and waits until ready.
+            pub async fn start_at(
                 settings: &agentmesh_settings::Settings,
                 address: std::net::SocketAddr,
             ) -> anyhow::Result<Self> {
                 let settings = settings.clone();
-                let node = $crate::node::ServiceNode::start_on($what, address, move |listener, readiness, shutdown| async move {
+                let node = $crate::node::ServiceNode::start_at($what, address, move |listener, readiness, shutdown| async move {
                     $serve(&settings, listener, readiness, shutdown).await
                 })
                 .await?;

@@ -28,6 +28,10 @@ fn gateway_settings(data_dir: &std::path::Path, endpoints: &[String]) -> Setting
     settings.defaults.breaker.failure_threshold = 2;
     settings.defaults.breaker.reset_timeout_seconds = 300;
     settings.server.shutdown_grace_seconds = 5;
+    // Routing only here; tests/tests/gateway_around.rs covers the cache and
+    // the audit trail.
+    settings.gateway.response_cache.enabled = false;
+    settings.gateway.audit.enabled = false;
     settings
 }
 

@@ -62,7 +62,9 @@ fn trace_id() -> String {
     agentmesh_telemetry::propagation::current_trace_id().unwrap_or_default()
 }
 
-fn is_identifier(text: &str) -> bool {
+/// Whether `text` is made of ASCII letters, digits, `.`, `_`, `-`, `:` (the
+/// shape of project, workflow and correlation ids).
+pub fn is_identifier(text: &str) -> bool {
     text.bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
 }

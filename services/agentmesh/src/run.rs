@@ -7,6 +7,7 @@ use agentmesh_runtime::{Readiness, serve_admin, shutdown_on_signals};
 use agentmesh_settings::{GatewaySettings, Settings};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Cli, Command, ServeArgs, ServiceName};
 
@@ -104,6 +105,22 @@ async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<TcpListener> 
         .map_err(|error| anyhow::anyhow!("cannot listen on {host}:{port} for {what}: {error}"))
 }
 
+/// `http://address` of `service`'s listener in this process, if it runs
+/// here (an unspecified bind address becomes loopback).
+fn local_endpoint(
+    listeners: &[(ServiceName, TcpListener)],
+    service: ServiceName,
+) -> anyhow::Result<Option<String>> {
+    let Some((_, listener)) = listeners.iter().find(|(name, _)| *name == service) else {
+        return Ok(None);
+    };
+    let mut address = listener.local_addr()?;
+    if address.ip().is_unspecified() {
+        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    Ok(Some(format!("http://{address}")))
+}
+
 async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<()> {
     agentmesh_telemetry::metrics_handle();
     let shutdown = shutdown_on_signals();
@@ -127,18 +144,18 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
         ));
     }
     tracing::info!(address = %admin_listener.local_addr()?, "admin endpoint listening (/metrics, /healthz, /readyz)");
-    // With the config service in this process, the other services watch it
-    // (over gRPC, as in separate processes) at the address it really got.
+    // With the config, cache or audit service in this process, the other
+    // services reach it (over gRPC, as in separate processes) at the address
+    // it really got.
     let mut settings = settings.clone();
-    if let Some((_, listener)) = listeners
-        .iter()
-        .find(|(service, _)| *service == ServiceName::Config)
-    {
-        let mut address = listener.local_addr()?;
-        if address.ip().is_unspecified() {
-            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        settings.endpoints.config = format!("http://{address}");
+    if let Some(endpoint) = local_endpoint(&listeners, ServiceName::Config)? {
+        settings.endpoints.config = endpoint;
+    }
+    if let Some(endpoint) = local_endpoint(&listeners, ServiceName::Cache)? {
+        settings.endpoints.cache = endpoint;
+    }
+    if let Some(endpoint) = local_endpoint(&listeners, ServiceName::Audit)? {
+        settings.endpoints.audit = endpoint;
     }
     // Likewise the gateway sends audit events to this process's audit
     // listener when there is one.
@@ -155,17 +172,32 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
     // Likewise the gateway's default agent node is the agent listener of
     // this process when there is one (a configured list is kept).
     if settings.gateway.agent_endpoints == GatewaySettings::default().agent_endpoints
-        && let Some((_, listener)) = listeners
-            .iter()
-            .find(|(service, _)| *service == ServiceName::Agent)
+        && let Some(endpoint) = local_endpoint(&listeners, ServiceName::Agent)?
     {
-        let mut address = listener.local_addr()?;
-        if address.ip().is_unspecified() {
-            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        settings.gateway.agent_endpoints = vec![format!("http://{address}")];
+        settings.gateway.agent_endpoints = vec![endpoint];
     }
     let settings = &settings;
+
+    // A gateway in this process stops first: the services behind it (agent,
+    // cache, audit, config) keep serving until it has drained and flushed
+    // its audit events.
+    let gateway_here = listeners
+        .iter()
+        .any(|(service, _)| *service == ServiceName::Gateway);
+    let gateway_stopped = CancellationToken::new();
+    let backends_shutdown = if gateway_here {
+        let backends = CancellationToken::new();
+        let (process_stopping, gateway_gone, release_backends) =
+            (shutdown.clone(), gateway_stopped.clone(), backends.clone());
+        tokio::spawn(async move {
+            process_stopping.cancelled().await;
+            gateway_gone.cancelled().await;
+            release_backends.cancel();
+        });
+        backends
+    } else {
+        shutdown.clone()
+    };
 
     let mut tasks = JoinSet::new();
     let admin_shutdown = shutdown.clone();
@@ -178,7 +210,11 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
     for (service, listener) in listeners {
         let settings = settings.clone();
         let readiness = readiness.clone();
-        let shutdown = shutdown.clone();
+        let shutdown = match service {
+            ServiceName::Gateway => shutdown.clone(),
+            _ => backends_shutdown.clone(),
+        };
+        let gateway_stopped = gateway_stopped.clone();
         tasks.spawn(async move {
             match service {
                 ServiceName::Config => {
@@ -202,6 +238,7 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
                         .map_err(|error| anyhow::anyhow!("agent service: {error}"))
                 }
                 ServiceName::Gateway => {
+                    let _stopped = gateway_stopped.drop_guard();
                     agentmesh_gateway::serve(&settings, listener, readiness, shutdown)
                         .await
                         .map_err(|error| anyhow::anyhow!("gateway: {error}"))

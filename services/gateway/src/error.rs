@@ -29,6 +29,44 @@ pub enum GatewayError {
     /// A workflow operation failed, or the task's project is stopped.
     #[error(transparent)]
     Workflow(#[from] WorkflowError),
+    /// The audit buffer is full and `gateway.audit.overflow = fail_closed`:
+    /// no task runs without its audit event.
+    #[error(
+        "audit buffer full ({capacity} events waiting for the audit service): task refused (gateway.audit.overflow = fail_closed)"
+    )]
+    AuditBufferFull {
+        /// The buffer's capacity.
+        capacity: usize,
+    },
+}
+
+/// `ErrorInfo.reason` of a task refused because the audit buffer is full.
+pub const AUDIT_BUFFER_FULL_REASON: &str = "AUDIT_BUFFER_FULL";
+/// `ErrorInfo.domain` of the gateway's own reasons.
+pub const ERROR_DOMAIN: &str = "gateway.agentmesh";
+
+impl GatewayError {
+    /// The message the caller gets with the status.
+    pub fn message(&self) -> String {
+        match self {
+            GatewayError::Invalid(violations) => invalid_argument(violations).message().to_owned(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The gRPC code this error maps to.
+    pub fn code(&self) -> Code {
+        match self {
+            GatewayError::Invalid(_) => Code::InvalidArgument,
+            GatewayError::Unavailable(_) | GatewayError::AuditBufferFull { .. } => {
+                Code::Unavailable
+            }
+            GatewayError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            GatewayError::Upstream(status) => status.code(),
+            GatewayError::Fallback(error) => agentmesh_agent::service::status_code_of(error),
+            GatewayError::Workflow(error) => error.code(),
+        }
+    }
 }
 
 /// Why a workflow operation failed.
@@ -102,6 +140,25 @@ pub enum WorkflowError {
     Corrupt(String),
 }
 
+impl WorkflowError {
+    /// The gRPC code this error maps to (as the `Status` conversion).
+    pub fn code(&self) -> Code {
+        match self {
+            WorkflowError::Invalid(_) => Code::InvalidArgument,
+            WorkflowError::RunNotFound(_)
+            | WorkflowError::DefinitionNotFound(_)
+            | WorkflowError::StepNotFound { .. } => Code::NotFound,
+            WorkflowError::ProjectStopped { .. }
+            | WorkflowError::IdempotencyConflict(_)
+            | WorkflowError::NotAwaitingApproval { .. }
+            | WorkflowError::RunFinished { .. } => Code::FailedPrecondition,
+            WorkflowError::TooManyRuns(_) => Code::ResourceExhausted,
+            WorkflowError::ShuttingDown | WorkflowError::Store(_) => Code::Unavailable,
+            WorkflowError::Corrupt(_) => Code::Internal,
+        }
+    }
+}
+
 impl From<GatewayError> for Status {
     fn from(error: GatewayError) -> Self {
         let message = error.to_string();
@@ -115,6 +172,15 @@ impl From<GatewayError> for Status {
             GatewayError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
             GatewayError::Upstream(status) => status,
             GatewayError::Fallback(error) => error.into(),
+            GatewayError::AuditBufferFull { .. } => {
+                let mut details = ErrorDetails::with_retry_info(Some(Duration::from_secs(1)));
+                details.set_error_info(
+                    AUDIT_BUFFER_FULL_REASON,
+                    ERROR_DOMAIN,
+                    std::collections::HashMap::new(),
+                );
+                Status::with_error_details(Code::Unavailable, message, details)
+            }
             GatewayError::Workflow(error) => error.into(),
         }
     }

@@ -1,6 +1,7 @@
 //! The thin tonic face of the gateway: reads the caller's deadline and
 //! identity, refuses work for stopped projects, hands the wire messages to
-//! [`Gateway`] or [`Workflows`], maps errors once.
+//! [`Gateway`] or [`Workflows`], maps errors once,
+//! and returns `x-trace-id` / `x-request-id` in the metadata of every answer.
 
 use std::sync::Arc;
 
@@ -11,6 +12,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::GatewayError;
+use crate::around::Rpc;
+use crate::metadata::CallMeta;
 use crate::service::Gateway;
 use crate::workflow::Workflows;
 
@@ -54,12 +57,21 @@ impl GatewayService for GatewayGrpc {
         request: Request<pb::ExecuteTaskRequest>,
     ) -> Result<Response<pb::ExecuteTaskResponse>, Status> {
         let deadline = deadline_of(&request);
-        self.check_task(request.get_ref().task.as_ref())?;
+        let call = CallMeta::of(&request);
+        self.check_task(request.get_ref().task.as_ref())
+            .map_err(|status| call.fail(status))?;
         let response = self
             .gateway
-            .execute(request.into_inner().task, "task", deadline)
-            .await?;
-        Ok(Response::new(response))
+            .execute(
+                request.into_inner().task,
+                "task",
+                deadline,
+                &call,
+                Rpc::ExecuteTask,
+            )
+            .await
+            .map_err(|error| call.fail(error.into()))?;
+        Ok(call.respond(response))
     }
 
     type ExecuteTaskStreamStream = ReceiverStream<Result<pb::ExecuteTaskStreamResponse, Status>>;
@@ -69,12 +81,15 @@ impl GatewayService for GatewayGrpc {
         request: Request<pb::ExecuteTaskStreamRequest>,
     ) -> Result<Response<Self::ExecuteTaskStreamStream>, Status> {
         let deadline = deadline_of(&request);
-        self.check_task(request.get_ref().task.as_ref())?;
+        let call = CallMeta::of(&request);
+        self.check_task(request.get_ref().task.as_ref())
+            .map_err(|status| call.fail(status))?;
         let receiver = self
             .gateway
-            .execute_stream(request.into_inner().task, deadline)
-            .await?;
-        Ok(Response::new(ReceiverStream::new(receiver)))
+            .execute_stream(request.into_inner().task, deadline, &call)
+            .await
+            .map_err(|error| call.fail(error.into()))?;
+        Ok(call.respond(ReceiverStream::new(receiver)))
     }
 
     async fn execute_batch(
@@ -82,15 +97,17 @@ impl GatewayService for GatewayGrpc {
         request: Request<pb::ExecuteBatchRequest>,
     ) -> Result<Response<pb::ExecuteBatchResponse>, Status> {
         let deadline = deadline_of(&request);
+        let call = CallMeta::of(&request);
         let request = request.into_inner();
         for task in &request.tasks {
             self.check_task(Some(task))?;
         }
         let results = self
             .gateway
-            .execute_batch(request.tasks, request.max_concurrency, deadline)
-            .await?;
-        Ok(Response::new(pb::ExecuteBatchResponse { results }))
+            .execute_batch(request.tasks, request.max_concurrency, deadline, &call)
+            .await
+            .map_err(|error| call.fail(error.into()))?;
+        Ok(call.respond(pb::ExecuteBatchResponse { results }))
     }
 
     async fn run_workflow(

@@ -7,21 +7,32 @@
 //! budget, and answers from the in-process `local` fallback agent
 //! (degraded) when no node can serve.
 //!
+//! Around every task it serves deterministic responses from the cache
+//! service, buffers one audit event per task for the audit service, and
+//! returns the trace and request ids in response metadata.
+//!
 //! - [`fleet`]: the node set, DNS re-resolution and load polling;
 //! - [`node`]: nodes, their breakers and the p2c choice;
 //! - [`service`]: the logic; [`grpc`]: the thin tonic face;
+//! - [`around`]: admission, cache, audit and overhead around every task,
+//!   over [`response_cache`] and [`audit_sink`]; [`metadata`]: the call's
+//!   identity and response headers;
 //! - [`fallback`]: the in-process fallback agent; [`error`]: errors → statuses;
 //! - [`workflow`]: durable multi-agent workflow runs, approvals, cancels
 //!   and per-project emergency stops; [`migration`]: the gateway's schema.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod around;
+pub mod audit_sink;
 pub mod error;
 pub mod fallback;
 pub mod fleet;
 pub mod grpc;
+pub mod metadata;
 pub mod migration;
 pub mod node;
+pub mod response_cache;
 pub mod service;
 pub mod workflow;
 
@@ -34,6 +45,9 @@ use agentmesh_db::Database;
 use agentmesh_proto::gateway::gateway_service_server::GatewayServiceServer;
 use agentmesh_runtime::{GrpcServer, Readiness};
 use agentmesh_settings::{GatewayFallback, Settings};
+use around::Around;
+use audit_sink::AuditSink;
+use response_cache::ResponseCache;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -73,7 +87,9 @@ pub async fn migrate(database: &Database) -> Result<(), agentmesh_db::DbError> {
 
 /// Builds the gateway from settings: one node per
 /// `gateway.agent_endpoints` entry, the fallback agent when
-/// `gateway.fallback = "local"`.
+/// `gateway.fallback = "local"`, the response cache (`endpoints.cache`)
+/// and the audit sink (`endpoints.audit`) when enabled. Starts the audit
+/// delivery task: call from a Tokio runtime.
 pub fn build(
     settings: &Settings,
     gateway_id: String,
@@ -101,7 +117,17 @@ pub fn build(
         budget_ratio: settings.gateway.retry_budget_percent as f32 / 100.0,
         min_per_second: settings.gateway.retry_min_per_second,
     };
-    Ok(Gateway::new(gateway_id, fleet, watcher, fallback, retry))
+    let cache = ResponseCache::new(&settings.endpoints.cache, &settings.gateway.response_cache)?;
+    let audit = if settings.gateway.audit.enabled {
+        Some(AuditSink::start(
+            &settings.endpoints.audit,
+            &settings.gateway.audit,
+        )?)
+    } else {
+        None
+    };
+    let around = Around::new(gateway_id.clone(), cache, audit);
+    Ok(Gateway::new(gateway_id, fleet, watcher, fallback, retry, around))
 }
 
 /// Connects and migrates the database, loads the workflow definitions,
@@ -158,10 +184,20 @@ pub async fn serve(
         gateway_id = gateway.gateway_id(),
         nodes = settings.gateway.agent_endpoints.len(),
         fallback = ?settings.gateway.fallback,
+        response_cache = settings
+            .gateway
+            .response_cache
+            .enabled
+            .then_some(settings.endpoints.cache.as_str()),
+        audit = settings
+            .gateway
+            .audit
+            .enabled
+            .then_some(settings.endpoints.audit.as_str()),
         "gateway starting"
     );
     let service =
-        GatewayServiceServer::new(grpc::GatewayGrpc::new(gateway, Arc::clone(&workflows)))
+        GatewayServiceServer::new(grpc::GatewayGrpc::new(Arc::clone(&gateway), Arc::clone(&workflows)))
             .max_decoding_message_size(settings.server.max_message_bytes)
             .max_encoding_message_size(settings.server.max_message_bytes);
     let result = GrpcServer::new(&settings.server, readiness)
@@ -169,6 +205,10 @@ pub async fn serve(
         .serve(listener, shutdown)
         .await;
     workflows.stop().await;
+    // The server has drained: every finished task's event is buffered.
+    if let Some(audit) = gateway.around().audit() {
+        audit.close().await;
+    }
     watcher.stop();
     database.close().await;
     result.map_err(ServeError::from)

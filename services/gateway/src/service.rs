@@ -23,9 +23,11 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use tower::retry::budget::{Budget, TpsBudget};
 
+use crate::around::{Around, Rpc, TaskScope};
 use crate::error::GatewayError;
 use crate::fallback::Fallback;
 use crate::fleet::Fleet;
+use crate::metadata::CallMeta;
 use crate::node::{InFlight, Node, NodeState, breaker_config, pick};
 /// Most tasks in one batch.
 pub const MAX_BATCH_TASKS: usize = 100;
@@ -83,6 +85,7 @@ pub struct Gateway {
     fallback: Option<Fallback>,
     max_attempts: usize,
     retry_budget: TpsBudget,
+    around: Arc<Around>,
 }
 
 /// A task checked and converted for the agent service.
@@ -95,13 +98,15 @@ struct Task {
 
 impl Gateway {
     /// A gateway over `nodes`, reading live settings from `watcher`;
-    /// `fallback` answers when no node can.
+    /// `fallback` answers when no node can; `around` caches and audits
+    /// every task.
     pub fn new(
         gateway_id: String,
         fleet: Arc<Fleet>,
         watcher: ConfigWatcher,
         fallback: Option<Fallback>,
         retry: RetryPolicy,
+        around: Around,
     ) -> Self {
         Self {
             gateway_id,
@@ -114,7 +119,13 @@ impl Gateway {
                 retry.min_per_second,
                 retry.budget_ratio.clamp(0.0, 1.0),
             ),
+            around: Arc::new(around),
         }
+    }
+
+    /// The response cache and audit trail around every task.
+    pub fn around(&self) -> &Around {
+        &self.around
     }
 
     /// The agent nodes.
@@ -188,7 +199,12 @@ impl Gateway {
             .effective(Some(&spec.agent_type), Some(&spec.project_id))
     }
 
-    fn check(&self, task: Option<pb::TaskSpec>, field: &str) -> Result<Task, GatewayError> {
+    fn check(
+        &self,
+        task: Option<pb::TaskSpec>,
+        field: &str,
+        scope: &TaskScope,
+    ) -> Result<Task, GatewayError> {
         let Some(task) = task else {
             return Err(GatewayError::Invalid(vec![FieldViolation::new(
                 field,
@@ -196,7 +212,14 @@ impl Gateway {
                 "is required",
             )]));
         };
-        let task_id = format!("task_{}", uuid::Uuid::new_v4().simple());
+        let task_id = scope.task_id().to_owned();
+        if pb::CachePolicy::try_from(task.cache_policy).is_err() {
+            return Err(GatewayError::Invalid(vec![FieldViolation::new(
+                format!("{field}.cache_policy"),
+                task.cache_policy.to_string(),
+                "must be a known CachePolicy",
+            )]));
+        }
         if task.idempotency_key.len() > 128 {
             return Err(GatewayError::Invalid(vec![FieldViolation::new(
                 format!("{field}.idempotency_key"),
@@ -204,11 +227,7 @@ impl Gateway {
                 "must be at most 128 bytes",
             )]));
         }
-        let correlation_id = if task.correlation_id.is_empty() {
-            task_id.clone()
-        } else {
-            task.correlation_id
-        };
+        let correlation_id = scope.correlation_id().to_owned();
         let wire = agent_pb::ExecutionSpec {
             agent_type: task.agent_type,
             variables: task.variables,
@@ -235,15 +254,34 @@ impl Gateway {
         task: Option<pb::TaskSpec>,
         field: &str,
         deadline: Option<Instant>,
+        call: &CallMeta,
+        rpc: Rpc,
+    ) -> Result<pb::ExecuteTaskResponse, GatewayError> {
+        let scope = self.around.begin(call, rpc, task.as_ref())?;
+        let mut result = self.execute_routed(task, field, deadline, &scope).await;
+        self.around.finish(scope, &mut result);
+        result
+    }
+
+    async fn execute_routed(
+        &self,
+        task: Option<pb::TaskSpec>,
+        field: &str,
+        deadline: Option<Instant>,
+        scope: &TaskScope,
     ) -> Result<pb::ExecuteTaskResponse, GatewayError> {
         let started = Instant::now();
         let deadline = working_deadline(deadline);
-        let task = self.check(task, field)?;
+        let task = self.check(task, field, scope)?;
         let live = self.live(&task.spec);
+        if let Some(hit) = self.around.cached(scope, &task.spec, &live, deadline).await {
+            observe("cache_hit", 0, started);
+            return Ok(hit);
+        }
         let config = breaker_config(&live);
         let routed = self
             .route(&task, deadline, config, started, |node| {
-                self.call_unary(node, &task, deadline, config)
+                scope.upstream(self.call_unary(node, &task, deadline, config))
             })
             .await?;
         let (reason, attempts) = match routed {
@@ -275,8 +313,8 @@ impl Gateway {
             observe("unavailable", attempts, started);
             return Err(GatewayError::Unavailable(reason));
         };
-        let completion = fallback
-            .execute(&task.spec, &live, &task.field, deadline, None)
+        let completion = scope
+            .upstream(fallback.execute(&task.spec, &live, &task.field, deadline, None))
             .await?;
         observe("degraded", attempts, started);
         Ok(pb::ExecuteTaskResponse {
@@ -331,15 +369,33 @@ impl Gateway {
         self: &Arc<Self>,
         task: Option<pb::TaskSpec>,
         deadline: Option<Instant>,
+        call: &CallMeta,
+    ) -> Result<mpsc::Receiver<Result<pb::ExecuteTaskStreamResponse, Status>>, GatewayError> {
+        let scope = self
+            .around
+            .begin(call, Rpc::ExecuteTaskStream, task.as_ref())?;
+        let result = self.execute_stream_routed(task, deadline, &scope).await;
+        self.around.finish_stream(scope, result)
+    }
+
+    async fn execute_stream_routed(
+        self: &Arc<Self>,
+        task: Option<pb::TaskSpec>,
+        deadline: Option<Instant>,
+        scope: &TaskScope,
     ) -> Result<mpsc::Receiver<Result<pb::ExecuteTaskStreamResponse, Status>>, GatewayError> {
         let started = Instant::now();
         let deadline = working_deadline(deadline);
-        let task = self.check(task, "task")?;
+        let task = self.check(task, "task", scope)?;
         let live = self.live(&task.spec);
+        if let Some(hit) = self.around.cached(scope, &task.spec, &live, deadline).await {
+            observe("cache_hit", 0, started);
+            return Ok(Around::hit_stream(hit));
+        }
         let config = breaker_config(&live);
         let routed = self
             .route(&task, deadline, config, started, |node| {
-                self.open_stream(node, &task, deadline, config)
+                scope.upstream(self.open_stream(node, &task, deadline, config))
             })
             .await?;
         let (reason, attempts) = match routed {
@@ -494,6 +550,7 @@ impl Gateway {
         tasks: Vec<pb::TaskSpec>,
         max_concurrency: Option<u32>,
         deadline: Option<Instant>,
+        call: &CallMeta,
     ) -> Result<Vec<pb::TaskResult>, GatewayError> {
         let mut violations = Vec::new();
         if tasks.is_empty() || tasks.len() > MAX_BATCH_TASKS {
@@ -526,7 +583,10 @@ impl Gateway {
         let results = futures::stream::iter(tasks.into_iter().enumerate())
             .map(|(index, task)| async move {
                 let field = format!("tasks[{index}]");
-                let result = match self.execute(Some(task), &field, deadline).await {
+                let result = match self
+                    .execute(Some(task), &field, deadline, call, Rpc::ExecuteBatch)
+                    .await
+                {
                     Ok(response) => pb::task_result::Result::Response(response),
                     Err(error) => pb::task_result::Result::Error(
                         agentmesh_agent::grpc::error_status(&Status::from(error)),
@@ -566,16 +626,34 @@ impl Gateway {
         field: &str,
         deadline: Option<Instant>,
         reason: String,
+        call: &CallMeta,
+        rpc: Rpc,
+    ) -> Result<pb::ExecuteTaskResponse, GatewayError> {
+        let scope = self.around.begin(call, rpc, task.as_ref())?;
+        let mut result = self
+            .execute_fallback_only(task, field, deadline, reason, &scope)
+            .await;
+        self.around.finish(scope, &mut result);
+        result
+    }
+
+    async fn execute_fallback_only(
+        &self,
+        task: Option<pb::TaskSpec>,
+        field: &str,
+        deadline: Option<Instant>,
+        reason: String,
+        scope: &TaskScope,
     ) -> Result<pb::ExecuteTaskResponse, GatewayError> {
         let started = Instant::now();
         let deadline = working_deadline(deadline);
-        let task = self.check(task, field)?;
+        let task = self.check(task, field, scope)?;
         let Some(fallback) = &self.fallback else {
             return Err(GatewayError::Unavailable(reason));
         };
         let live = self.live(&task.spec);
-        let completion = fallback
-            .execute(&task.spec, &live, &task.field, deadline, None)
+        let completion = scope
+            .upstream(fallback.execute(&task.spec, &live, &task.field, deadline, None))
             .await?;
         observe("degraded", 0, started);
         Ok(pb::ExecuteTaskResponse {

@@ -111,7 +111,9 @@ pub struct DatabaseSettings {
 pub struct EndpointSettings {
     /// Config service endpoint that `ConfigWatcher` connects to.
     pub config: String,
-    /// Audit service endpoint that the gateway sends its audit events to.
+    /// Cache service endpoint (the gateway's response cache).
+    pub cache: String,
+    /// Audit service endpoint (the gateway's audit events).
     pub audit: String,
 }
 
@@ -521,6 +523,97 @@ pub struct GatewaySettings {
     pub load_poll_interval_ms: u64,
     /// Workflow runs: definitions and limits.
     pub workflows: WorkflowSettings,
+    /// The response cache (through the cache service).
+    pub response_cache: ResponseCacheSettings,
+    /// The audit event of every task (through the audit service).
+    pub audit: GatewayAuditSettings,
+}
+
+/// The gateway's response cache: deterministic task responses stored in the
+/// cache service (`endpoints.cache`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResponseCacheSettings {
+    /// Whether the gateway uses the cache service at all.
+    pub enabled: bool,
+    /// How long a cached response lives, in seconds.
+    pub ttl_seconds: u64,
+    /// Longest wait for one cache call (not counting the wait for another
+    /// caller's fill), in milliseconds; past it the call runs uncached.
+    pub timeout_ms: u64,
+    /// Longest wait for an identical request in flight elsewhere to fill
+    /// the cache, in milliseconds (also capped by the caller's deadline).
+    pub max_wait_ms: u64,
+    /// How long the caller that executes a cacheable task holds the lease
+    /// before another identical caller may take over, in milliseconds.
+    pub lease_timeout_ms: u64,
+    /// Largest response stored, in bytes (encoded); larger ones are served
+    /// but not cached.
+    pub max_value_bytes: usize,
+}
+
+impl Default for ResponseCacheSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl_seconds: 3600,
+            timeout_ms: 250,
+            max_wait_ms: 10_000,
+            lease_timeout_ms: 60_000,
+            max_value_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// What the gateway does when its audit buffer is full.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditOverflow {
+    /// Refuse new tasks with UNAVAILABLE until the buffer drains.
+    #[default]
+    FailClosed,
+    /// Drop the oldest buffered event for each new one (counted and logged).
+    DropOldest,
+}
+
+/// The gateway's audit trail: one event per task, buffered in memory and
+/// sent in batches to the audit service (`endpoints.audit`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayAuditSettings {
+    /// Whether the gateway emits audit events.
+    pub enabled: bool,
+    /// Events buffered while the audit service is slow or down.
+    pub buffer_capacity: usize,
+    /// `fail_closed` or `drop_oldest`.
+    pub overflow: AuditOverflow,
+    /// Events per `AppendBatch` call.
+    pub batch_max_events: usize,
+    /// Longest wait for one `AppendBatch` call, in milliseconds.
+    pub timeout_ms: u64,
+    /// First retry delay after a failed delivery, in milliseconds (doubles,
+    /// jittered, up to `retry_max_ms`).
+    pub retry_initial_ms: u64,
+    /// Longest retry delay, in milliseconds.
+    pub retry_max_ms: u64,
+    /// On shutdown, how long the gateway keeps delivering buffered events,
+    /// in milliseconds.
+    pub shutdown_flush_ms: u64,
+}
+
+impl Default for GatewayAuditSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            buffer_capacity: 10_000,
+            overflow: AuditOverflow::FailClosed,
+            batch_max_events: 500,
+            timeout_ms: 5_000,
+            retry_initial_ms: 100,
+            retry_max_ms: 5_000,
+            shutdown_flush_ms: 5_000,
+        }
+    }
 }
 
 impl Default for GatewaySettings {
@@ -535,6 +628,8 @@ impl Default for GatewaySettings {
             discovery_interval_ms: 5_000,
             load_poll_interval_ms: 1_000,
             workflows: WorkflowSettings::default(),
+            response_cache: ResponseCacheSettings::default(),
+            audit: GatewayAuditSettings::default(),
         }
     }
 }
@@ -689,6 +784,74 @@ impl GatewaySettings {
             "must be 100 to 60000",
         );
         self.workflows.validate(check);
+        let cache = &self.response_cache;
+        let audit = &self.audit;
+        for (key, value, range) in [
+            (
+                "gateway.response_cache.ttl_seconds",
+                cache.ttl_seconds,
+                1..=31_536_000,
+            ),
+            (
+                "gateway.response_cache.timeout_ms",
+                cache.timeout_ms,
+                1..=60_000,
+            ),
+            (
+                "gateway.response_cache.max_wait_ms",
+                cache.max_wait_ms,
+                0..=30_000,
+            ),
+            (
+                "gateway.response_cache.lease_timeout_ms",
+                cache.lease_timeout_ms,
+                1_000..=300_000,
+            ),
+            (
+                "gateway.response_cache.max_value_bytes",
+                cache.max_value_bytes as u64,
+                1..=256 * 1024 * 1024,
+            ),
+            (
+                "gateway.audit.buffer_capacity",
+                audit.buffer_capacity as u64,
+                1..=10_000_000,
+            ),
+            (
+                "gateway.audit.batch_max_events",
+                audit.batch_max_events as u64,
+                1..=1_000,
+            ),
+            ("gateway.audit.timeout_ms", audit.timeout_ms, 1..=600_000),
+            (
+                "gateway.audit.retry_initial_ms",
+                audit.retry_initial_ms,
+                1..=60_000,
+            ),
+            (
+                "gateway.audit.retry_max_ms",
+                audit.retry_max_ms,
+                1..=600_000,
+            ),
+            (
+                "gateway.audit.shutdown_flush_ms",
+                audit.shutdown_flush_ms,
+                0..=600_000,
+            ),
+        ] {
+            check(
+                range.contains(&value),
+                key,
+                value.to_string(),
+                &format!("must be between {} and {}", range.start(), range.end()),
+            );
+        }
+        check(
+            audit.retry_max_ms >= audit.retry_initial_ms,
+            "gateway.audit.retry_max_ms",
+            audit.retry_max_ms.to_string(),
+            "must be at least gateway.audit.retry_initial_ms",
+        );
     }
 }
 
@@ -774,6 +937,7 @@ impl Default for EndpointSettings {
     fn default() -> Self {
         Self {
             config: "http://127.0.0.1:50053".to_owned(),
+            cache: "http://127.0.0.1:50055".to_owned(),
             audit: "http://127.0.0.1:50054".to_owned(),
         }
     }
@@ -1015,13 +1179,18 @@ impl Settings {
                 "must be 1 to 63 characters of [a-z0-9_], starting with a letter or _",
             );
         }
-        check(
-            self.endpoints.config.starts_with("http://")
-                || self.endpoints.config.starts_with("https://"),
-            "endpoints.config",
-            format!("{:?}", self.endpoints.config),
-            "must start with http:// or https://",
-        );
+        for (key, endpoint) in [
+            ("endpoints.config", &self.endpoints.config),
+            ("endpoints.cache", &self.endpoints.cache),
+            ("endpoints.audit", &self.endpoints.audit),
+        ] {
+            check(
+                endpoint.starts_with("http://") || endpoint.starts_with("https://"),
+                key,
+                format!("{endpoint:?}"),
+                "must start with http:// or https://",
+            );
+        }
         check(
             self.endpoints.audit.starts_with("http://")
                 || self.endpoints.audit.starts_with("https://"),
@@ -1359,6 +1528,53 @@ mod tests {
             Settings::default().gateway.agent_endpoints,
             ["http://127.0.0.1:50052"]
         );
+    }
+
+    #[test]
+    fn gateway_cache_and_audit_sections_are_validated_and_loaded_from_files() {
+        let defaults = Settings::default();
+        assert!(defaults.gateway.response_cache.enabled);
+        assert!(defaults.gateway.audit.enabled);
+        assert_eq!(defaults.gateway.audit.overflow, AuditOverflow::FailClosed);
+        assert_eq!(defaults.endpoints.cache, "http://127.0.0.1:50055");
+        assert_eq!(defaults.endpoints.audit, "http://127.0.0.1:50054");
+
+        let mut settings = Settings::default();
+        settings.endpoints.audit = "audit:50054".to_owned();
+        settings.gateway.response_cache.ttl_seconds = 0;
+        settings.gateway.audit.buffer_capacity = 0;
+        settings.gateway.audit.batch_max_events = 1001;
+        settings.gateway.audit.retry_initial_ms = 500;
+        settings.gateway.audit.retry_max_ms = 100;
+        let violations = settings.validate().unwrap_err();
+        let keys: Vec<_> = violations.iter().map(|v| v.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "endpoints.audit",
+                "gateway.response_cache.ttl_seconds",
+                "gateway.audit.buffer_capacity",
+                "gateway.audit.batch_max_events",
+                "gateway.audit.retry_max_ms",
+            ]
+        );
+        assert!(violations[3].rule.contains("between 1 and 1000"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(
+            &file,
+            "[gateway.response_cache]\nttl_seconds = 60\nenabled = false\n\n[gateway.audit]\noverflow = \"drop_oldest\"\nbuffer_capacity = 7\n",
+        )
+        .unwrap();
+        let loaded = Settings::load(Some(&file)).unwrap();
+        assert_eq!(loaded.gateway.response_cache.ttl_seconds, 60);
+        assert!(!loaded.gateway.response_cache.enabled);
+        assert_eq!(loaded.gateway.audit.overflow, AuditOverflow::DropOldest);
+        assert_eq!(loaded.gateway.audit.buffer_capacity, 7);
+
+        std::fs::write(&file, "[gateway.audit]\noverflow = \"block\"\n").unwrap();
+        assert!(Settings::load(Some(&file)).is_err());
     }
 
     #[test]

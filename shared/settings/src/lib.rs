@@ -14,7 +14,8 @@ pub mod bootstrap;
 pub mod live;
 
 pub use bootstrap::{
-    AgentServiceSettings, CacheServiceSettings, GatewayFallback, GatewaySettings, LoadError,
-    LogFormat, ProviderKind, SanitizePolicy, Settings, Violation, WorkflowSettings,
+    AgentServiceSettings, AuditOverflow, CacheServiceSettings, GatewayAuditSettings,
+    GatewayFallback, GatewaySettings, LoadError, LogFormat, ProviderKind, ResponseCacheSettings,
+    SanitizePolicy, Settings, Violation, WorkflowSettings,
 };
 pub use live::{LiveSettings, Scope};

@@ -144,6 +144,22 @@ pub fn init(service_name: &str, format: LogFormat) -> Result<TelemetryGuard, Tel
     Ok(TelemetryGuard { provider })
 }
 
+/// Installs only the trace context: the W3C propagator and an
+/// OpenTelemetry layer that gives every span a trace id (exported nowhere),
+/// without any log output. For processes that embed agentmesh services and
+/// keep their own logging, such as the end-to-end tests. Returns false when
+/// a global subscriber was already installed.
+pub fn init_trace_context_only() -> bool {
+    install_propagator();
+    let provider = SdkTracerProvider::builder().build();
+    let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("agentmesh"));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::filter::LevelFilter::INFO)
+        .with(otel_layer)
+        .try_init()
+        .is_ok()
+}
+
 /// Returns true when the standard OTLP endpoint variables are set.
 pub fn otlp_endpoint_configured() -> bool {
     [

@@ -12,15 +12,27 @@ const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0,
 ];
 
-/// Buckets for the gateway's own time per task, from 5 µs to 50 ms: the
-/// figure is tens of microseconds, below the latency buckets' floor.
+/// Buckets of `agentmesh_gateway_overhead_seconds`, the gateway's own time
+/// per task: 1 µs to 100 ms, because that time is microseconds, not
+/// milliseconds.
 const OVERHEAD_BUCKETS_SECONDS: &[f64] = &[
-    0.000005, 0.00001, 0.00002, 0.00003, 0.00005, 0.000075, 0.0001, 0.00015, 0.0002, 0.0003,
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.05,
+    0.000_001,
+    0.000_002_5,
+    0.000_005,
+    0.000_01,
+    0.000_02,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.002_5,
+    0.01,
+    0.1,
 ];
 
-/// Name of the gateway overhead histogram (see the gateway crate).
-pub const GATEWAY_OVERHEAD_SECONDS: &str = "agentmesh_gateway_overhead_seconds";
+/// The metric that gets [`OVERHEAD_BUCKETS_SECONDS`].
+pub const GATEWAY_OVERHEAD_METRIC: &str = "agentmesh_gateway_overhead_seconds";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -29,15 +41,16 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 pub fn metrics_handle() -> Option<&'static PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
+            // A full-name matcher wins over a suffix matcher.
             let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Full(GATEWAY_OVERHEAD_SECONDS.to_owned()),
-                    OVERHEAD_BUCKETS_SECONDS,
-                )
-                .ok()?
                 .set_buckets_for_metric(
                     Matcher::Suffix("_seconds".to_owned()),
                     LATENCY_BUCKETS_SECONDS,
+                )
+                .ok()?
+                .set_buckets_for_metric(
+                    Matcher::Full(GATEWAY_OVERHEAD_METRIC.to_owned()),
+                    OVERHEAD_BUCKETS_SECONDS,
                 )
                 .ok()?;
             let handle = builder.install_recorder().ok()?;

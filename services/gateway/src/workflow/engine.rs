@@ -21,7 +21,9 @@ use tracing::Instrument;
 use super::definition::{HITL_RESPONSE, StepSpec};
 use super::store::{Change, NewEvent, RunRecord, artifact, now_micros, run, step};
 use super::{Control, Workflows, is_final};
+use crate::around::Rpc;
 use crate::error::WorkflowError;
+use crate::metadata::CallMeta;
 
 /// What one step execution gave.
 enum Outcome {
@@ -533,13 +535,15 @@ impl Runner {
         let run_id = record.run.run_id.clone();
         let allow_fallback = spec.allow_fallback;
         let future = async move {
+            // Inside the step's span: the tasks' trace is the run's.
+            let call = CallMeta::internal(&format!("workflow-run:{run_id}"));
             let started = StdInstant::now();
             let outcome = match task {
                 Err(status) => Outcome::Failed(status),
                 Ok(task) => {
                     match workflows
                         .gateway
-                        .execute(Some(task.clone()), &field, None)
+                        .execute(Some(task.clone()), &field, None, &call, Rpc::WorkflowStep)
                         .await
                     {
                         Ok(response) => Outcome::Answered(Box::new(response)),
@@ -554,7 +558,14 @@ impl Runner {
                                 workflows.fallback_event(&run_id, &name, &reason).await;
                                 match workflows
                                     .gateway
-                                    .execute_fallback(Some(task), &field, None, reason)
+                                    .execute_fallback(
+                                        Some(task),
+                                        &field,
+                                        None,
+                                        reason,
+                                        &call,
+                                        Rpc::WorkflowStep,
+                                    )
                                     .await
                                 {
                                     Ok(response) => Outcome::Answered(Box::new(response)),
