@@ -271,16 +271,27 @@ async fn sigterm_lets_in_flight_calls_finish_then_exits_zero() -> anyhow::Result
             .status()?
             .success()
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // `up` stops the gateway first (drained, audit buffer flushed), then
+    // the services behind it: wait (bounded) for this one to go NOT_SERVING.
     let probe = tonic::transport::Channel::from_shared(running.grpc.clone())?
         .connect()
         .await?;
-    let health = HealthClient::new(probe)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await?;
-    assert_eq!(health.into_inner().status, ServingStatus::NotServing as i32);
+    let mut status = ServingStatus::Serving as i32;
+    for _ in 0..150 {
+        status = HealthClient::new(probe.clone())
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?
+            .into_inner()
+            .status;
+        if status == ServingStatus::NotServing as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, ServingStatus::NotServing as i32);
+    assert!(!in_flight.is_finished(), "the update waits for the lock");
 
     database
         .execute_raw(Statement::from_string(DbBackend::Sqlite, "ROLLBACK"))

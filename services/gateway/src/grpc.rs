@@ -11,8 +11,8 @@ use agentmesh_proto::gateway::gateway_service_server::GatewayService;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::error::GatewayError;
 use crate::around::Rpc;
+use crate::error::GatewayError;
 use crate::metadata::CallMeta;
 use crate::service::Gateway;
 use crate::workflow::Workflows;

@@ -127,7 +127,9 @@ pub fn build(
         None
     };
     let around = Around::new(gateway_id.clone(), cache, audit);
-    Ok(Gateway::new(gateway_id, fleet, watcher, fallback, retry, around))
+    Ok(Gateway::new(
+        gateway_id, fleet, watcher, fallback, retry, around,
+    ))
 }
 
 /// Connects and migrates the database, loads the workflow definitions,
@@ -196,10 +198,12 @@ pub async fn serve(
             .then_some(settings.endpoints.audit.as_str()),
         "gateway starting"
     );
-    let service =
-        GatewayServiceServer::new(grpc::GatewayGrpc::new(Arc::clone(&gateway), Arc::clone(&workflows)))
-            .max_decoding_message_size(settings.server.max_message_bytes)
-            .max_encoding_message_size(settings.server.max_message_bytes);
+    let service = GatewayServiceServer::new(grpc::GatewayGrpc::new(
+        Arc::clone(&gateway),
+        Arc::clone(&workflows),
+    ))
+    .max_decoding_message_size(settings.server.max_message_bytes)
+    .max_encoding_message_size(settings.server.max_message_bytes);
     let result = GrpcServer::new(&settings.server, readiness)
         .add_service(service, agentmesh_proto::FILE_DESCRIPTOR_SET)
         .serve(listener, shutdown)
