@@ -63,6 +63,13 @@ pub struct BenchArgs {
     /// AppendBatch (appends/s = req/s × batch size).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub batch_size: u32,
+    /// API key sent as `authorization: Bearer <key>` with gateway.execute
+    /// (needed when the gateway requires keys).
+    #[arg(long, env = "AGENTMESH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// `Bearer <api_key>`, made once before the run.
+    #[arg(skip)]
+    pub authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -303,8 +310,16 @@ async fn call_returning_code(
                 project_id: spec.project_id,
                 ..Default::default()
             };
+            let mut request = tonic::Request::new(agentmesh_proto::gateway::ExecuteTaskRequest {
+                task: Some(task),
+            });
+            if let Some(authorization) = &args.authorization {
+                request
+                    .metadata_mut()
+                    .insert("authorization", authorization.clone());
+            }
             GatewayServiceClient::new(channel.clone())
-                .execute_task(agentmesh_proto::gateway::ExecuteTaskRequest { task: Some(task) })
+                .execute_task(request)
                 .await
                 .map(|_| ())
                 .map_err(|status| status.code())
@@ -468,7 +483,17 @@ pub async fn run(args: &BenchArgs) -> ExitCode {
         completed: AtomicU64::new(0),
         failed: AtomicU64::new(0),
     });
-    let bench_args = Arc::new(args.clone());
+    let mut bench_args = args.clone();
+    if let Some(key) = &args.api_key {
+        match tonic::metadata::MetadataValue::try_from(format!("Bearer {}", key.trim())) {
+            Ok(value) => bench_args.authorization = Some(value),
+            Err(_) => {
+                eprintln!("agentmesh bench: --api-key holds characters not allowed in metadata");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let bench_args = Arc::new(bench_args);
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for index in 0..args.concurrency {

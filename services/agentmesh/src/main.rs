@@ -1,12 +1,14 @@
 //! The `agentmesh` binary: `up` (the whole suite in one process), `serve
-//! <service>`, `migrate`, `bench` and `audit`. Thin: it parses arguments, loads
-//! settings, starts telemetry and calls the service libraries.
+//! <service>`, `migrate`, `bench`, `audit`, `keys` and `usage`. Thin: it
+//! parses arguments, loads settings, starts telemetry and calls the service
+//! libraries.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod audit_cli;
 mod bench;
 mod cli;
+mod keys_cli;
 mod run;
 
 use std::process::ExitCode;

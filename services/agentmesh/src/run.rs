@@ -22,6 +22,8 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
     let (args, services) = match &command {
         Command::Bench(args) => return crate::bench::run(args).await,
         Command::Audit { command } => return crate::audit_cli::run(command).await,
+        Command::Keys { command } => return crate::keys_cli::run_keys(command).await,
+        Command::Usage(args) => return crate::keys_cli::run_usage(args).await,
         Command::Up(args) => (
             args,
             vec![
@@ -91,6 +93,7 @@ async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     agentmesh_config::migrate(&database).await?;
     agentmesh_audit::migrate(&database).await?;
     agentmesh_agent::migrate(&database).await?;
+    agentmesh_gateway::migrate(&database).await?;
     tracing::info!("migrations applied");
     database.close().await;
     Ok(())

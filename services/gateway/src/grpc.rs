@@ -1,4 +1,6 @@
-//! The thin tonic face of the gateway: reads the caller's deadline, hands
+//! The thin tonic face of the gateway: checks the caller's key against the
+//! projects and calls it names (the key itself was checked by the auth
+//! interceptor, see [`crate::auth`]), reads the caller's deadline, hands
 //! the wire messages to [`Gateway`], maps errors once.
 
 use std::sync::Arc;
@@ -9,7 +11,17 @@ use agentmesh_proto::gateway::gateway_service_server::GatewayService;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Principal;
 use crate::service::Gateway;
+
+/// PERMISSION_DENIED unless the key may use the task's project (an empty
+/// project is left to the task's own validation, INVALID_ARGUMENT).
+fn check_task_project(principal: &Principal, task: Option<&pb::TaskSpec>) -> Result<(), Status> {
+    match task {
+        Some(task) if !task.project_id.is_empty() => principal.require_project(&task.project_id),
+        _ => Ok(()),
+    }
+}
 
 /// `agentmesh.gateway.v1.GatewayService` over a [`Gateway`].
 pub struct GatewayGrpc {
@@ -29,6 +41,7 @@ impl GatewayService for GatewayGrpc {
         &self,
         request: Request<pb::ExecuteTaskRequest>,
     ) -> Result<Response<pb::ExecuteTaskResponse>, Status> {
+        check_task_project(&Principal::of(&request)?, request.get_ref().task.as_ref())?;
         let deadline = deadline_of(&request);
         let response = self
             .gateway
@@ -43,6 +56,7 @@ impl GatewayService for GatewayGrpc {
         &self,
         request: Request<pb::ExecuteTaskStreamRequest>,
     ) -> Result<Response<Self::ExecuteTaskStreamStream>, Status> {
+        check_task_project(&Principal::of(&request)?, request.get_ref().task.as_ref())?;
         let deadline = deadline_of(&request);
         let receiver = self
             .gateway
@@ -55,6 +69,14 @@ impl GatewayService for GatewayGrpc {
         &self,
         request: Request<pb::ExecuteBatchRequest>,
     ) -> Result<Response<pb::ExecuteBatchResponse>, Status> {
+        // A key may not even try a task outside its projects: the whole
+        // batch is refused, naming the first such task.
+        let principal = Principal::of(&request)?;
+        for (index, task) in request.get_ref().tasks.iter().enumerate() {
+            check_task_project(&principal, Some(task)).map_err(|status| {
+                Status::permission_denied(format!("tasks[{index}]: {}", status.message()))
+            })?;
+        }
         let deadline = deadline_of(&request);
         let request = request.into_inner();
         let results = self
@@ -84,8 +106,9 @@ impl GatewayService for GatewayGrpc {
 
     async fn get_circuit_states(
         &self,
-        _request: Request<pb::GetCircuitStatesRequest>,
+        request: Request<pb::GetCircuitStatesRequest>,
     ) -> Result<Response<pb::GetCircuitStatesResponse>, Status> {
+        Principal::of(&request)?.require_admin("GetCircuitStates")?;
         Ok(Response::new(self.gateway.circuit_states()))
     }
 }

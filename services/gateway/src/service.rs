@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::budget::Budgets;
 use crate::error::GatewayError;
 use crate::fallback::Fallback;
 use crate::node::{InFlight, Node, NodeState, breaker_config, pick};
@@ -51,6 +52,7 @@ pub struct Gateway {
     nodes: Vec<Arc<Node>>,
     watcher: ConfigWatcher,
     fallback: Option<Fallback>,
+    budgets: Option<Arc<Budgets>>,
 }
 
 /// A task checked and converted for the agent service.
@@ -75,7 +77,15 @@ impl Gateway {
             nodes,
             watcher,
             fallback,
+            budgets: None,
         }
+    }
+
+    /// Checks each task against its project's token budget before it runs
+    /// and counts its tokens after.
+    pub fn with_budgets(mut self, budgets: Arc<Budgets>) -> Self {
+        self.budgets = Some(budgets);
+        self
     }
 
     /// This gateway's id.
@@ -129,8 +139,28 @@ impl Gateway {
         })
     }
 
-    /// Runs one task; `field` names it in errors (`task`, `tasks[3]`).
+    /// Runs one task within its project's token budget; `field` names it
+    /// in errors (`task`, `tasks[3]`).
     pub async fn execute(
+        &self,
+        task: Option<pb::TaskSpec>,
+        field: &str,
+        deadline: Option<Instant>,
+    ) -> Result<pb::ExecuteTaskResponse, GatewayError> {
+        let Some(budgets) = &self.budgets else {
+            return self.route(task, field, deadline).await;
+        };
+        let project = task
+            .as_ref()
+            .map(|task| task.project_id.clone())
+            .unwrap_or_default();
+        budgets.admit(&project).await?;
+        let response = self.route(task, field, deadline).await?;
+        budgets.record(&project, response.usage.as_ref());
+        Ok(response)
+    }
+
+    async fn route(
         &self,
         task: Option<pb::TaskSpec>,
         field: &str,
@@ -236,9 +266,47 @@ impl Gateway {
         settle(node, breaker.call(call).await, |response| &response.node_id)
     }
 
-    /// Runs one task and streams its output; retries happen only before
-    /// the first message from a node.
+    /// Runs one task within its project's token budget and streams its
+    /// output; retries happen only before the first message from a node.
     pub async fn execute_stream(
+        self: &Arc<Self>,
+        task: Option<pb::TaskSpec>,
+        deadline: Option<Instant>,
+    ) -> Result<mpsc::Receiver<Result<pb::ExecuteTaskStreamResponse, Status>>, GatewayError> {
+        let Some(budgets) = self.budgets.clone() else {
+            return self.route_stream(task, deadline).await;
+        };
+        let project = task
+            .as_ref()
+            .map(|task| task.project_id.clone())
+            .unwrap_or_default();
+        budgets.admit(&project).await?;
+        let mut routed = self.route_stream(task, deadline).await?;
+        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    // The caller went away: dropping `routed` cancels the task.
+                    () = sender.closed() => return,
+                    message = routed.recv() => message,
+                };
+                let Some(message) = message else { return };
+                if let Ok(pb::ExecuteTaskStreamResponse {
+                    event: Some(pb::execute_task_stream_response::Event::Completion(done)),
+                    ..
+                }) = &message
+                {
+                    budgets.record(&project, done.usage.as_ref());
+                }
+                if sender.send(message).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(receiver)
+    }
+
+    async fn route_stream(
         self: &Arc<Self>,
         task: Option<pb::TaskSpec>,
         deadline: Option<Instant>,

@@ -14,7 +14,8 @@ pub mod bootstrap;
 pub mod live;
 
 pub use bootstrap::{
-    AgentServiceSettings, CacheServiceSettings, GatewayFallback, GatewaySettings, LoadError,
-    LogFormat, ProviderKind, SanitizePolicy, Settings, Violation,
+    AgentServiceSettings, AuthMode, CacheServiceSettings, GatewayAuthSettings,
+    GatewayBudgetSettings, GatewayFallback, GatewaySettings, LoadError, LogFormat, ProviderKind,
+    SanitizePolicy, Settings, Violation,
 };
 pub use live::{LiveSettings, Scope};

@@ -1,0 +1,21 @@
+//! Schema of the gateway, applied at start-up and by `agentmesh migrate`.
+//! Its own migration table keeps it independent of the other services'
+//! migrations in a shared database.
+
+use sea_orm_migration::prelude::*;
+
+mod m20261127_000001_api_keys;
+
+/// The gateway's migrations.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261127_000001_api_keys::Migration)]
+    }
+
+    fn migration_table_name() -> DynIden {
+        Alias::new("agentmesh_gateway_migrations").into_iden()
+    }
+}
