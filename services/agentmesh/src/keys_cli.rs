@@ -8,7 +8,7 @@ use std::time::Duration;
 use agentmesh_proto::gateway as pb;
 use agentmesh_proto::gateway::key_service_client::KeyServiceClient;
 use clap::{Args, Subcommand, ValueEnum};
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 /// `agentmesh keys` subcommands.
@@ -95,13 +95,26 @@ pub struct UsageArgs {
     pub project: String,
 }
 
+/// Adds `authorization: Bearer <key>` to every call, when a key is given.
+#[derive(Clone)]
+struct WithKey(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for WithKey {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// A KeyService client that sends the API key with every call.
-type Client = KeyServiceClient<
-    tonic::service::interceptor::InterceptedService<
-        Channel,
-        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
-    >,
->;
+type Client = KeyServiceClient<tonic::service::interceptor::InterceptedService<Channel, WithKey>>;
 
 async fn connect(connection: &Connection) -> anyhow::Result<Client> {
     let address = if connection.gateway.contains("://") {
@@ -123,17 +136,10 @@ async fn connect(connection: &Connection) -> anyhow::Result<Client> {
         .connect()
         .await
         .map_err(|error| anyhow::anyhow!("cannot connect to {address}: {error}"))?;
-    let add_key: Box<
-        dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send,
-    > = Box::new(move |mut request: tonic::Request<()>| {
-        if let Some(value) = &authorization {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    });
-    Ok(KeyServiceClient::with_interceptor(channel, add_key))
+    Ok(KeyServiceClient::with_interceptor(
+        channel,
+        WithKey(authorization),
+    ))
 }
 
 fn time(timestamp: Option<&prost_types::Timestamp>) -> String {

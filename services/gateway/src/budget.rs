@@ -175,7 +175,7 @@ pub mod usage {
 
 /// Where usage is counted.
 enum UsageStore {
-    Redis(RedisUsage),
+    Redis(Box<RedisUsage>),
     Database(Database),
 }
 
@@ -408,12 +408,12 @@ impl Budgets {
     ) -> Result<Arc<Self>, GatewayError> {
         let budget = &settings.gateway.budget;
         let store = match &settings.redis_url {
-            Some(url) => UsageStore::Redis(RedisUsage {
+            Some(url) => UsageStore::Redis(Box::new(RedisUsage {
                 client: redis::Client::open(url.as_str())
                     .map_err(|error| GatewayError::UsageStore(format!("redis: {error}")))?,
                 connection: tokio::sync::Mutex::new(None),
                 prefix: budget.redis_key_prefix.clone(),
-            }),
+            })),
             None => UsageStore::Database(database),
         };
         tracing::info!(
