@@ -64,7 +64,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub batch_size: u32,
     /// API key sent as `authorization: Bearer <key>` with gateway.execute
-    /// (needed when the gateway requires keys).
+    /// and gateway.circuit-states (needed when the gateway requires keys).
     #[arg(long, env = "AGENTMESH_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// `Bearer <api_key>`, made once before the run.
@@ -101,6 +101,11 @@ pub enum BenchRpc {
     /// agent.execute; point --target at the gateway).
     #[value(name = "gateway.execute")]
     GatewayExecute,
+    /// agentmesh.gateway.v1.GatewayService/GetCircuitStates: the gateway's
+    /// floor with its auth interceptor but no agent call (needs an admin
+    /// key when keys are required).
+    #[value(name = "gateway.circuit-states")]
+    GatewayCircuitStates,
 }
 
 /// Which level cache.get reads must hit.
@@ -131,6 +136,7 @@ impl BenchRpc {
             BenchRpc::AuditAppend => "audit.append",
             BenchRpc::AgentExecute => "agent.execute",
             BenchRpc::GatewayExecute => "gateway.execute",
+            BenchRpc::GatewayCircuitStates => "gateway.circuit-states",
         }
     }
 }
@@ -248,7 +254,8 @@ async fn call(
         | BenchRpc::ConfigGetEffective
         | BenchRpc::AuditAppend
         | BenchRpc::AgentExecute
-        | BenchRpc::GatewayExecute => call_returning_code(rpc, channel, args)
+        | BenchRpc::GatewayExecute
+        | BenchRpc::GatewayCircuitStates => call_returning_code(rpc, channel, args)
             .await
             .map_err(agentmesh_telemetry::code_name),
     }
@@ -310,21 +317,34 @@ async fn call_returning_code(
                 project_id: spec.project_id,
                 ..Default::default()
             };
-            let mut request = tonic::Request::new(agentmesh_proto::gateway::ExecuteTaskRequest {
+            let request = tonic::Request::new(agentmesh_proto::gateway::ExecuteTaskRequest {
                 task: Some(task),
             });
-            if let Some(authorization) = &args.authorization {
-                request
-                    .metadata_mut()
-                    .insert("authorization", authorization.clone());
-            }
             GatewayServiceClient::new(channel.clone())
-                .execute_task(request)
+                .execute_task(authorized(request, args))
                 .await
                 .map(|_| ())
                 .map_err(|status| status.code())
         }
+        BenchRpc::GatewayCircuitStates => GatewayServiceClient::new(channel.clone())
+            .get_circuit_states(authorized(
+                tonic::Request::new(agentmesh_proto::gateway::GetCircuitStatesRequest {}),
+                args,
+            ))
+            .await
+            .map(|_| ())
+            .map_err(|status| status.code()),
     }
+}
+
+/// `request` with the bench's API key, when one is given.
+fn authorized<T>(mut request: tonic::Request<T>, args: &BenchArgs) -> tonic::Request<T> {
+    if let Some(authorization) = &args.authorization {
+        request
+            .metadata_mut()
+            .insert("authorization", authorization.clone());
+    }
+    request
 }
 
 /// The task agent.execute and gateway.execute run.
