@@ -70,6 +70,13 @@ pub struct BenchArgs {
     /// AppendBatch (appends/s = req/s × batch size).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub batch_size: u32,
+    /// API key sent as `authorization: Bearer <key>` with gateway.execute
+    /// and gateway.circuit-states (needed when the gateway requires keys).
+    #[arg(long, env = "AGENTMESH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// `Bearer <api_key>`, made once before the run.
+    #[arg(skip)]
+    pub authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -193,6 +200,11 @@ pub enum BenchRpc {
     /// agent.execute; point --target at the gateway).
     #[value(name = "gateway.execute")]
     GatewayExecute,
+    /// agentmesh.gateway.v1.GatewayService/GetCircuitStates: the gateway's
+    /// floor with its auth interceptor but no agent call (needs an admin
+    /// key when keys are required).
+    #[value(name = "gateway.circuit-states")]
+    GatewayCircuitStates,
 }
 
 /// Which level cache.get reads must hit.
@@ -223,6 +235,7 @@ impl BenchRpc {
             BenchRpc::AuditAppend => "audit.append",
             BenchRpc::AgentExecute => "agent.execute",
             BenchRpc::GatewayExecute => "gateway.execute",
+            BenchRpc::GatewayCircuitStates => "gateway.circuit-states",
         }
     }
 }
@@ -341,7 +354,8 @@ async fn call(
         | BenchRpc::ConfigGetEffective
         | BenchRpc::AuditAppend
         | BenchRpc::AgentExecute
-        | BenchRpc::GatewayExecute => call_returning_code(rpc, channel, args)
+        | BenchRpc::GatewayExecute
+        | BenchRpc::GatewayCircuitStates => call_returning_code(rpc, channel, args)
             .await
             .map_err(agentmesh_telemetry::code_name),
     }
@@ -403,13 +417,34 @@ async fn call_returning_code(
                 project_id: spec.project_id,
                 ..Default::default()
             };
+            let request = tonic::Request::new(agentmesh_proto::gateway::ExecuteTaskRequest {
+                task: Some(task),
+            });
             GatewayServiceClient::new(channel.clone())
-                .execute_task(agentmesh_proto::gateway::ExecuteTaskRequest { task: Some(task) })
+                .execute_task(authorized(request, args))
                 .await
                 .map(|_| ())
                 .map_err(|status| status.code())
         }
+        BenchRpc::GatewayCircuitStates => GatewayServiceClient::new(channel.clone())
+            .get_circuit_states(authorized(
+                tonic::Request::new(agentmesh_proto::gateway::GetCircuitStatesRequest {}),
+                args,
+            ))
+            .await
+            .map(|_| ())
+            .map_err(|status| status.code()),
     }
+}
+
+/// `request` with the bench's API key, when one is given.
+fn authorized<T>(mut request: tonic::Request<T>, args: &BenchArgs) -> tonic::Request<T> {
+    if let Some(authorization) = &args.authorization {
+        request
+            .metadata_mut()
+            .insert("authorization", authorization.clone());
+    }
+    request
 }
 
 /// The task agent.execute and gateway.execute run.
@@ -657,7 +692,17 @@ pub async fn run(args: &BenchArgs) -> ExitCode {
         },
         _ => None,
     };
-    let bench_args = Arc::new(args.clone());
+    let mut bench_args = args.clone();
+    if let Some(key) = &args.api_key {
+        match tonic::metadata::MetadataValue::try_from(format!("Bearer {}", key.trim())) {
+            Ok(value) => bench_args.authorization = Some(value),
+            Err(_) => {
+                eprintln!("agentmesh bench: --api-key holds characters not allowed in metadata");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let bench_args = Arc::new(bench_args);
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     if let Some(rate) = args.rate {

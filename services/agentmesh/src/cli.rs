@@ -59,6 +59,14 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::audit_cli::AuditCommand,
     },
+    /// Gateway API keys: create, list, revoke (needs an admin key).
+    Keys {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::keys_cli::KeysCommand,
+    },
+    /// A project's token usage and budgets for the current day and month.
+    Usage(crate::keys_cli::UsageArgs),
 }
 
 /// Services that `serve` can run.

@@ -1,6 +1,7 @@
 //! The `agentmesh` binary: `up` (the whole suite in one process), `serve
-//! <service>`, `migrate`, `bench`, `audit` and `health`. Thin: it parses arguments, loads
-//! settings, starts telemetry and calls the service libraries.
+//! <service>`, `migrate`, `bench`, `audit`, `health`, `keys` and `usage`.
+//! Thin: it parses arguments, loads settings, starts telemetry and calls
+//! the service libraries.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -8,6 +9,7 @@ mod audit_cli;
 mod bench;
 mod cli;
 mod health;
+mod keys_cli;
 mod run;
 
 use std::process::ExitCode;

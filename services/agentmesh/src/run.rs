@@ -24,6 +24,8 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
         Command::Bench(args) => return crate::bench::run(args).await,
         Command::Audit { command } => return crate::audit_cli::run(command).await,
         Command::Health(args) => return crate::health::run(args, config.as_deref()).await,
+        Command::Keys { command } => return crate::keys_cli::run_keys(command).await,
+        Command::Usage(args) => return crate::keys_cli::run_usage(args).await,
         Command::Up(args) => (
             args,
             vec![

@@ -89,6 +89,7 @@ struct Running {
     child: Child,
     grpc: String,
     cache: String,
+    gateway: String,
     admin: String,
     logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
@@ -146,15 +147,21 @@ fn start_up(data_dir: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Runnin
             let _ = sender.send(line);
         }
     });
-    let (mut grpc, mut cache, mut admin) = (None, None, None);
-    while grpc.is_none() || cache.is_none() || admin.is_none() {
+    let (mut grpc, mut cache, mut gateway, mut admin) = (None, None, None, None);
+    let mut early = Vec::new();
+    while grpc.is_none() || cache.is_none() || gateway.is_none() || admin.is_none() {
         let line = receiver.recv_timeout(Duration::from_secs(30))?;
         let json: serde_json::Value = serde_json::from_str(&line)?;
         let message = json["fields"]["message"].as_str().unwrap_or_default();
         let address = json["fields"]["address"].as_str().map(str::to_owned);
         let services = json["fields"]["services"].as_str().unwrap_or_default();
+        early.push(line.clone());
         if message.starts_with("grpc server listening") && services.contains("CacheService") {
             cache = address;
+        } else if message.starts_with("grpc server listening")
+            && services.contains("GatewayService")
+        {
+            gateway = address;
         } else if message.starts_with("grpc server listening") && services.contains("ConfigService")
         {
             grpc = address;
@@ -163,7 +170,7 @@ fn start_up(data_dir: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Runnin
         }
     }
     // Keep draining logs so the child never blocks on a full pipe.
-    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(early));
     let sink = std::sync::Arc::clone(&logs);
     std::thread::spawn(move || {
         while let Ok(line) = receiver.recv() {
@@ -176,6 +183,7 @@ fn start_up(data_dir: &str, extra_env: &[(&str, &str)]) -> anyhow::Result<Runnin
         child,
         grpc: format!("http://{}", grpc.unwrap_or_default()),
         cache: format!("http://{}", cache.unwrap_or_default()),
+        gateway: format!("http://{}", gateway.unwrap_or_default()),
         admin: admin.unwrap_or_default(),
         logs,
     })
@@ -516,6 +524,213 @@ async fn migrate_applies_the_schema_and_exits() -> anyhow::Result<()> {
             .output()?
             .status
             .success()
+    );
+    Ok(())
+}
+
+/// Runs the binary and returns its stdout, failing with its stderr.
+fn run_ok(args: &[&str]) -> anyhow::Result<String> {
+    let output = agentmesh(args).output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "agentmesh {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+#[test]
+fn keys_cli_creates_lists_and_revokes_keys_of_a_running_suite() -> anyhow::Result<()> {
+    let data_dir = tempfile::tempdir()?;
+    let bootstrap = "cli-test-bootstrap-admin-key-0123456789abcdef";
+    let mut running = start_up(
+        data_dir.path().to_str().unwrap_or_default(),
+        &[
+            ("AGENTMESH_GATEWAY__AUTH__MODE", "on"),
+            ("AGENTMESH_GATEWAY__AUTH__BOOTSTRAP_ADMIN_KEY", bootstrap),
+        ],
+    )?;
+    let gateway = running.gateway.clone();
+    let created = run_ok(&[
+        "keys",
+        "create",
+        "--gateway",
+        &gateway,
+        "--api-key",
+        bootstrap,
+        "--name",
+        "ci",
+        "--role",
+        "user",
+        "--project",
+        "p1",
+        "--project",
+        "p2",
+        "--json",
+    ])?;
+    let created: serde_json::Value = serde_json::from_str(&created)?;
+    let key_id = created["key_id"].as_str().unwrap_or_default().to_owned();
+    let secret = created["secret"].as_str().unwrap_or_default().to_owned();
+    assert!(secret.starts_with(&format!("amk_{key_id}_")), "{created}");
+    assert_eq!(created["projects"], serde_json::json!(["p1", "p2"]));
+    assert_eq!(created["role"], "user");
+
+    // The text listing shows the key, never a secret.
+    let listed = run_ok(&[
+        "keys",
+        "list",
+        "--gateway",
+        &gateway,
+        "--api-key",
+        bootstrap,
+    ])?;
+    assert!(
+        listed.lines().any(|line| line.starts_with(&key_id)
+            && line.contains("p1,p2")
+            && line.ends_with("ci")),
+        "{listed}"
+    );
+    assert!(!listed.contains(&secret[21..]), "{listed}");
+
+    // The new key runs tasks through bench, and reads its project's usage.
+    let bench = run_ok(&[
+        "bench",
+        "--target",
+        &gateway,
+        "--rpc",
+        "gateway.execute",
+        "--project-id",
+        "p1",
+        "--api-key",
+        &secret,
+        "-c",
+        "2",
+        "-n",
+        "10",
+        "--json",
+    ])?;
+    let report: serde_json::Value = serde_json::from_str(&bench)?;
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    let usage = run_ok(&["usage", "p1", "--gateway", &gateway, "--api-key", &secret])?;
+    assert!(usage.starts_with("project  p1\nday"), "{usage}");
+    assert!(usage.contains("of unlimited"), "{usage}");
+
+    // A user key may not manage keys; a call without a key is refused.
+    let output =
+        agentmesh(&["keys", "list", "--gateway", &gateway, "--api-key", &secret]).output()?;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr)?;
+    assert!(stderr.contains("PERMISSION_DENIED"), "{stderr}");
+    let output = agentmesh(&["keys", "list", "--gateway", &gateway]).output()?;
+    assert!(String::from_utf8(output.stderr)?.contains("UNAUTHENTICATED: missing API key"));
+
+    let revoked = run_ok(&[
+        "keys",
+        "revoke",
+        &key_id,
+        "--gateway",
+        &gateway,
+        "--api-key",
+        bootstrap,
+    ])?;
+    assert!(
+        revoked.starts_with(&format!("revoked {key_id} (ci) at ")),
+        "{revoked}"
+    );
+    let all = run_ok(&[
+        "keys",
+        "list",
+        "--all",
+        "--json",
+        "--gateway",
+        &gateway,
+        "--api-key",
+        bootstrap,
+    ])?;
+    let all: serde_json::Value = serde_json::from_str(&all)?;
+    assert!(all[0]["revoked_at"].is_string(), "{all}");
+    let active = run_ok(&[
+        "keys",
+        "list",
+        "--json",
+        "--gateway",
+        &gateway,
+        "--api-key",
+        bootstrap,
+    ])?;
+    assert_eq!(active.trim(), "[]");
+
+    // Bench with the revoked key: every call UNAUTHENTICATED.
+    let output = agentmesh(&[
+        "bench",
+        "--target",
+        &gateway,
+        "--rpc",
+        "gateway.execute",
+        "--project-id",
+        "p1",
+        "--api-key",
+        &secret,
+        "-c",
+        "1",
+        "-n",
+        "5",
+        "--json",
+    ])
+    .output()?;
+    assert!(!output.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(report["errors"]["UNAUTHENTICATED"], 5, "{report}");
+    let _ = running.child.kill();
+    let _ = running.child.wait();
+    Ok(())
+}
+
+#[test]
+fn up_on_loopback_defaults_runs_the_gateway_without_keys_and_warns() -> anyhow::Result<()> {
+    let data_dir = tempfile::tempdir()?;
+    let mut running = start_up(data_dir.path().to_str().unwrap_or_default(), &[])?;
+    let warned = running.log_lines().into_iter().any(|line| {
+        line["level"] == "WARN"
+            && line["fields"]["message"].as_str().is_some_and(|message| {
+                message.starts_with("AUTHENTICATION IS OFF")
+                    && message.contains("AGENTMESH_GATEWAY__AUTH__MODE=on")
+            })
+    });
+    assert!(warned, "{:?}", running.log_lines());
+    let output = run_ok(&[
+        "bench",
+        "--target",
+        &running.gateway,
+        "--rpc",
+        "gateway.execute",
+        "-c",
+        "2",
+        "-n",
+        "10",
+        "--json",
+    ])?;
+    let report: serde_json::Value = serde_json::from_str(&output)?;
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    let _ = running.child.kill();
+    let _ = running.child.wait();
+
+    // Off is refused on an address other machines reach.
+    let output = agentmesh(&[
+        "up",
+        "--data-dir",
+        data_dir.path().to_str().unwrap_or_default(),
+        "--host",
+        "0.0.0.0",
+    ])
+    .env("AGENTMESH_GATEWAY__AUTH__MODE", "off")
+    .output()?;
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr)?;
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("gateway.auth.mode = \"off\": must not be off while server.host (0.0.0.0)"),
+        "{stderr}"
     );
     Ok(())
 }

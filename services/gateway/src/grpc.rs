@@ -1,4 +1,6 @@
-//! The thin tonic face of the gateway: reads the caller's deadline and
+//! The thin tonic face of the gateway: checks the caller's key against the
+//! projects and calls it names (the key itself was checked by the auth
+//! interceptor, see [`crate::auth`]), reads the caller's deadline and
 //! identity, refuses work for stopped projects, hands the wire messages to
 //! [`Gateway`] or [`Workflows`], maps errors once,
 //! and returns `x-trace-id` / `x-request-id` in the metadata of every answer.
@@ -12,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::around::Rpc;
+use crate::auth::Principal;
 use crate::error::GatewayError;
 use crate::metadata::CallMeta;
 use crate::service::Gateway;
@@ -43,11 +46,28 @@ impl GatewayGrpc {
 }
 
 /// Who is calling: recorded with approvals, rejections, cancels and stops.
-/// For now the caller's peer address; with API keys, the key's id.
+/// The API key's id (`key:<id>`; `key:anonymous` while authentication is
+/// off, then with the peer address).
 pub fn caller_identity<T>(request: &Request<T>) -> String {
-    request
+    let peer = request
         .remote_addr()
-        .map_or_else(|| "unknown".to_owned(), |address| address.to_string())
+        .map_or_else(|| "unknown".to_owned(), |address| address.to_string());
+    match request.extensions().get::<Principal>() {
+        Some(principal) if principal.key_id() != crate::auth::ANONYMOUS_KEY_ID => {
+            format!("key:{}", principal.key_id())
+        }
+        Some(principal) => format!("key:{} ({peer})", principal.key_id()),
+        None => peer,
+    }
+}
+
+/// PERMISSION_DENIED unless the key may use the task's project (an empty
+/// project is left to the task's own validation, INVALID_ARGUMENT).
+fn check_task_project(principal: &Principal, task: Option<&pb::TaskSpec>) -> Result<(), Status> {
+    match task {
+        Some(task) if !task.project_id.is_empty() => principal.require_project(&task.project_id),
+        _ => Ok(()),
+    }
 }
 
 #[tonic::async_trait]
@@ -56,6 +76,7 @@ impl GatewayService for GatewayGrpc {
         &self,
         request: Request<pb::ExecuteTaskRequest>,
     ) -> Result<Response<pb::ExecuteTaskResponse>, Status> {
+        check_task_project(&Principal::of(&request)?, request.get_ref().task.as_ref())?;
         let deadline = deadline_of(&request);
         let call = CallMeta::of(&request);
         self.check_task(request.get_ref().task.as_ref())
@@ -80,6 +101,7 @@ impl GatewayService for GatewayGrpc {
         &self,
         request: Request<pb::ExecuteTaskStreamRequest>,
     ) -> Result<Response<Self::ExecuteTaskStreamStream>, Status> {
+        check_task_project(&Principal::of(&request)?, request.get_ref().task.as_ref())?;
         let deadline = deadline_of(&request);
         let call = CallMeta::of(&request);
         self.check_task(request.get_ref().task.as_ref())
@@ -96,6 +118,14 @@ impl GatewayService for GatewayGrpc {
         &self,
         request: Request<pb::ExecuteBatchRequest>,
     ) -> Result<Response<pb::ExecuteBatchResponse>, Status> {
+        // A key may not even try a task outside its projects: the whole
+        // batch is refused, naming the first such task.
+        let principal = Principal::of(&request)?;
+        for (index, task) in request.get_ref().tasks.iter().enumerate() {
+            check_task_project(&principal, Some(task)).map_err(|status| {
+                Status::permission_denied(format!("tasks[{index}]: {}", status.message()))
+            })?;
+        }
         let deadline = deadline_of(&request);
         let call = CallMeta::of(&request);
         let request = request.into_inner();
@@ -114,6 +144,7 @@ impl GatewayService for GatewayGrpc {
         &self,
         request: Request<pb::RunWorkflowRequest>,
     ) -> Result<Response<pb::RunWorkflowResponse>, Status> {
+        Principal::of(&request)?.require_project(&request.get_ref().project_id)?;
         let deadline = deadline_of(&request);
         let actor = caller_identity(&request);
         let run = self
@@ -211,6 +242,7 @@ impl GatewayService for GatewayGrpc {
         &self,
         request: Request<pb::StopProjectRequest>,
     ) -> Result<Response<pb::StopProjectResponse>, Status> {
+        Principal::of(&request)?.require_project(&request.get_ref().project_id)?;
         let actor = caller_identity(&request);
         let request = request.into_inner();
         let response = self
@@ -230,6 +262,7 @@ impl GatewayService for GatewayGrpc {
         &self,
         request: Request<pb::ResumeProjectRequest>,
     ) -> Result<Response<pb::ResumeProjectResponse>, Status> {
+        Principal::of(&request)?.require_project(&request.get_ref().project_id)?;
         let actor = caller_identity(&request);
         let response = self
             .workflows
@@ -241,8 +274,9 @@ impl GatewayService for GatewayGrpc {
 
     async fn get_circuit_states(
         &self,
-        _request: Request<pb::GetCircuitStatesRequest>,
+        request: Request<pb::GetCircuitStatesRequest>,
     ) -> Result<Response<pb::GetCircuitStatesResponse>, Status> {
+        Principal::of(&request)?.require_admin("GetCircuitStates")?;
         Ok(Response::new(self.gateway.circuit_states()))
     }
 }

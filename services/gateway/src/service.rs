@@ -24,6 +24,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::around::{Around, Rpc, TaskScope};
+use crate::budget::Budgets;
 use crate::error::GatewayError;
 use crate::fallback::Fallback;
 use crate::fleet::Fleet;
@@ -86,6 +87,7 @@ pub struct Gateway {
     max_attempts: usize,
     retry_budget: TpsBudget,
     around: Arc<Around>,
+    budgets: Option<Arc<Budgets>>,
 }
 
 /// A task checked and converted for the agent service.
@@ -120,7 +122,15 @@ impl Gateway {
                 retry.budget_ratio.clamp(0.0, 1.0),
             ),
             around: Arc::new(around),
+            budgets: None,
         }
+    }
+
+    /// Checks each task against its project's token budget before it runs
+    /// and counts its tokens after.
+    pub fn with_budgets(mut self, budgets: Arc<Budgets>) -> Self {
+        self.budgets = Some(budgets);
+        self
     }
 
     /// The response cache and audit trail around every task.
@@ -248,7 +258,8 @@ impl Gateway {
         })
     }
 
-    /// Runs one task; `field` names it in errors (`task`, `tasks[3]`).
+    /// Runs one task within its project's token budget; `field` names it
+    /// in errors (`task`, `tasks[3]`).
     pub async fn execute(
         &self,
         task: Option<pb::TaskSpec>,
@@ -264,6 +275,26 @@ impl Gateway {
     }
 
     async fn execute_routed(
+        &self,
+        task: Option<pb::TaskSpec>,
+        field: &str,
+        deadline: Option<Instant>,
+        scope: &TaskScope,
+    ) -> Result<pb::ExecuteTaskResponse, GatewayError> {
+        let Some(budgets) = &self.budgets else {
+            return self.execute_on_nodes(task, field, deadline, scope).await;
+        };
+        let project = task
+            .as_ref()
+            .map(|task| task.project_id.clone())
+            .unwrap_or_default();
+        budgets.admit(&project).await?;
+        let response = self.execute_on_nodes(task, field, deadline, scope).await?;
+        budgets.record(&project, response.usage.as_ref());
+        Ok(response)
+    }
+
+    async fn execute_on_nodes(
         &self,
         task: Option<pb::TaskSpec>,
         field: &str,
@@ -363,8 +394,8 @@ impl Gateway {
         settle(&node, breaker.call(call).await)
     }
 
-    /// Runs one task and streams its output; retries happen only before
-    /// the first message from a node.
+    /// Runs one task within its project's token budget and streams its
+    /// output; retries happen only before the first message from a node.
     pub async fn execute_stream(
         self: &Arc<Self>,
         task: Option<pb::TaskSpec>,
@@ -379,6 +410,45 @@ impl Gateway {
     }
 
     async fn execute_stream_routed(
+        self: &Arc<Self>,
+        task: Option<pb::TaskSpec>,
+        deadline: Option<Instant>,
+        scope: &TaskScope,
+    ) -> Result<mpsc::Receiver<Result<pb::ExecuteTaskStreamResponse, Status>>, GatewayError> {
+        let Some(budgets) = self.budgets.clone() else {
+            return self.stream_on_nodes(task, deadline, scope).await;
+        };
+        let project = task
+            .as_ref()
+            .map(|task| task.project_id.clone())
+            .unwrap_or_default();
+        budgets.admit(&project).await?;
+        let mut routed = self.stream_on_nodes(task, deadline, scope).await?;
+        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    // The caller went away: dropping `routed` cancels the task.
+                    () = sender.closed() => return,
+                    message = routed.recv() => message,
+                };
+                let Some(message) = message else { return };
+                if let Ok(pb::ExecuteTaskStreamResponse {
+                    event: Some(pb::execute_task_stream_response::Event::Completion(done)),
+                    ..
+                }) = &message
+                {
+                    budgets.record(&project, done.usage.as_ref());
+                }
+                if sender.send(message).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(receiver)
+    }
+
+    async fn stream_on_nodes(
         self: &Arc<Self>,
         task: Option<pb::TaskSpec>,
         deadline: Option<Instant>,

@@ -39,6 +39,24 @@ impl ConfigSnapshot {
         });
         LiveSettings::from_values(&values)
     }
+
+    /// Merged settings global < `key/<key_id>`: what applies to one
+    /// gateway API key (its rate limits).
+    pub fn effective_for_key(&self, key_id: &str) -> LiveSettings {
+        let layers: Vec<live::Layer<'_>> = [Scope::Global, Scope::Key(key_id.to_owned())]
+            .into_iter()
+            .filter_map(|scope| {
+                let (revision, values) = self.scopes.get(&scope)?;
+                Some(live::Layer {
+                    scope,
+                    revision: *revision,
+                    values,
+                })
+            })
+            .collect();
+        let (values, _) = live::merge(&layers);
+        LiveSettings::from_values(&values)
+    }
 }
 
 /// A live, reconnecting view of the config service's settings.

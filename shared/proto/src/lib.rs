@@ -85,4 +85,6 @@ pub mod gateway {
     pub use crate::agentmesh::gateway::v1::*;
     /// Fully qualified gRPC service name.
     pub const SERVICE_NAME: &str = "agentmesh.gateway.v1.GatewayService";
+    /// Fully qualified gRPC name of the key management service.
+    pub const KEY_SERVICE_NAME: &str = "agentmesh.gateway.v1.KeyService";
 }

@@ -527,6 +527,11 @@ pub struct GatewaySettings {
     pub response_cache: ResponseCacheSettings,
     /// The audit event of every task (through the audit service).
     pub audit: GatewayAuditSettings,
+    /// API keys: whether they are required, the bootstrap admin key, the
+    /// hashing secret.
+    pub auth: GatewayAuthSettings,
+    /// Where per-project token usage is counted.
+    pub budget: GatewayBudgetSettings,
 }
 
 /// The gateway's response cache: deterministic task responses stored in the
@@ -616,6 +621,57 @@ impl Default for GatewayAuditSettings {
     }
 }
 
+/// Whether the gateway requires API keys.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// On, unless the gateway listens on a loopback address only.
+    #[default]
+    Auto,
+    /// Always on.
+    On,
+    /// Off; refused unless the gateway listens on a loopback address.
+    Off,
+}
+
+/// API keys at the gateway.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayAuthSettings {
+    /// `auto` (on unless listening on loopback only), `on` or `off` (refused
+    /// on a non-loopback address).
+    pub mode: AuthMode,
+    /// An admin key accepted in addition to the stored keys (32 to 256
+    /// bytes, no whitespace), to create the first keys; never stored.
+    pub bootstrap_admin_key: Option<String>,
+    /// Secret of the keyed hash (HMAC-SHA256) API keys are stored under, at
+    /// least 32 bytes; every gateway sharing a database needs the same one.
+    /// Unset: read from `<data_dir>/gateway-api-key-secret`, generated
+    /// (mode 0600) on first start.
+    pub hash_secret: Option<String>,
+    /// How often each gateway reloads the keys from the database (so a key
+    /// revoked on another replica is refused here), in milliseconds.
+    pub refresh_interval_ms: u64,
+}
+
+/// Token usage counting at the gateway.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayBudgetSettings {
+    /// How often counted usage is written to Redis or the database, in
+    /// milliseconds.
+    pub flush_interval_ms: u64,
+    /// How long a project's usage read from Redis or the database is reused
+    /// for budget checks (this gateway's own new usage is always added), in
+    /// milliseconds.
+    pub usage_cache_ms: u64,
+    /// Prefix of the usage counters in Redis (with `redis_url`).
+    pub redis_key_prefix: String,
+    /// Time limit of one Redis or database operation on usage, in
+    /// milliseconds.
+    pub store_timeout_ms: u64,
+}
+
 impl Default for GatewaySettings {
     fn default() -> Self {
         Self {
@@ -630,6 +686,8 @@ impl Default for GatewaySettings {
             workflows: WorkflowSettings::default(),
             response_cache: ResponseCacheSettings::default(),
             audit: GatewayAuditSettings::default(),
+            auth: GatewayAuthSettings::default(),
+            budget: GatewayBudgetSettings::default(),
         }
     }
 }
@@ -666,6 +724,17 @@ impl Default for WorkflowSettings {
             max_concurrent_runs: 256,
             lease_seconds: 30,
             poll_interval_ms: 1000,
+        }
+    }
+}
+
+impl Default for GatewayAuthSettings {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Auto,
+            bootstrap_admin_key: None,
+            hash_secret: None,
+            refresh_interval_ms: 2_000,
         }
     }
 }
@@ -719,6 +788,24 @@ impl WorkflowSettings {
             self.poll_interval_ms.to_string(),
             "must be shorter than gateway.workflows.lease_seconds (claims are renewed every poll)",
         );
+    }
+}
+
+impl Default for GatewayBudgetSettings {
+    fn default() -> Self {
+        Self {
+            flush_interval_ms: 200,
+            usage_cache_ms: 500,
+            redis_key_prefix: "agentmesh:budget:".to_owned(),
+            store_timeout_ms: 1_000,
+        }
+    }
+}
+
+impl GatewayAuthSettings {
+    /// The file holding the hash secret when `hash_secret` is unset.
+    pub fn hash_secret_file(&self, data_dir: &Path) -> PathBuf {
+        data_dir.join("gateway-api-key-secret")
     }
 }
 
@@ -851,6 +938,57 @@ impl GatewaySettings {
             "gateway.audit.retry_max_ms",
             audit.retry_max_ms.to_string(),
             "must be at least gateway.audit.retry_initial_ms",
+        );
+        if let Some(key) = &self.auth.bootstrap_admin_key {
+            check(
+                (32..=256).contains(&key.len()) && !key.chars().any(char::is_whitespace),
+                "gateway.auth.bootstrap_admin_key",
+                format!("({} bytes, not shown)", key.len()),
+                "must be 32 to 256 bytes with no whitespace",
+            );
+        }
+        if let Some(secret) = &self.auth.hash_secret {
+            check(
+                (32..=1024).contains(&secret.len()),
+                "gateway.auth.hash_secret",
+                format!("({} bytes, not shown)", secret.len()),
+                "must be 32 to 1024 bytes",
+            );
+        }
+        check(
+            (100..=600_000).contains(&self.auth.refresh_interval_ms),
+            "gateway.auth.refresh_interval_ms",
+            self.auth.refresh_interval_ms.to_string(),
+            "must be between 100 and 600000",
+        );
+        check(
+            (10..=60_000).contains(&self.budget.flush_interval_ms),
+            "gateway.budget.flush_interval_ms",
+            self.budget.flush_interval_ms.to_string(),
+            "must be between 10 and 60000",
+        );
+        check(
+            self.budget.usage_cache_ms <= 60_000,
+            "gateway.budget.usage_cache_ms",
+            self.budget.usage_cache_ms.to_string(),
+            "must be at most 60000",
+        );
+        check(
+            (1..=60_000).contains(&self.budget.store_timeout_ms),
+            "gateway.budget.store_timeout_ms",
+            self.budget.store_timeout_ms.to_string(),
+            "must be between 1 and 60000",
+        );
+        check(
+            self.budget.redis_key_prefix.len() <= 64
+                && !self
+                    .budget
+                    .redis_key_prefix
+                    .chars()
+                    .any(|c| c.is_whitespace() || "*?[]\\".contains(c)),
+            "gateway.budget.redis_key_prefix",
+            format!("{:?}", self.budget.redis_key_prefix),
+            "must be at most 64 bytes with no whitespace or glob characters (*?[]\\)",
         );
     }
 }
@@ -1365,6 +1503,18 @@ impl Settings {
         );
         self.agent_service.validate(&mut check);
         self.gateway.validate(&mut check);
+        if self.gateway.auth.mode == AuthMode::Off
+            && let Ok(address) = self.server.host.parse::<std::net::IpAddr>()
+        {
+            check(
+                address.is_loopback(),
+                "gateway.auth.mode",
+                "\"off\"".to_owned(),
+                &format!(
+                    "must not be off while server.host ({address}) is not a loopback address: API keys are required off this machine"
+                ),
+            );
+        }
         for violation in self.defaults.to_values().validate() {
             violations.push(Violation {
                 key: format!("defaults.{}", violation.field),
@@ -1396,6 +1546,14 @@ impl Settings {
         masked.database_url = masked.database_url.as_deref().map(mask_url);
         masked.read_database_url = masked.read_database_url.as_deref().map(mask_url);
         masked.redis_url = masked.redis_url.as_deref().map(mask_url);
+        for secret in [
+            &mut masked.gateway.auth.bootstrap_admin_key,
+            &mut masked.gateway.auth.hash_secret,
+        ] {
+            if secret.is_some() {
+                *secret = Some("****".to_owned());
+            }
+        }
         toml::to_string_pretty(&masked)
             .unwrap_or_else(|error| format!("# cannot render settings: {error}\n"))
     }
@@ -1690,6 +1848,41 @@ mod tests {
                 "agent_service.max_concurrent_executions",
                 "agent_service.openai.base_url"
             ]
+        );
+    }
+
+    #[test]
+    fn gateway_auth_rules_and_secrets_are_masked() {
+        let mut settings = Settings::default();
+        settings.gateway.auth.mode = AuthMode::Off;
+        assert_eq!(settings.validate(), Ok(()), "off is fine on loopback");
+        settings.server.host = "0.0.0.0".into();
+        settings.gateway.auth.bootstrap_admin_key = Some("short".into());
+        settings.gateway.auth.hash_secret = Some("s".repeat(40));
+        settings.gateway.budget.redis_key_prefix = "a b".into();
+        let violations = settings.validate().unwrap_err();
+        let keys: Vec<_> = violations.iter().map(|v| v.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "gateway.auth.bootstrap_admin_key",
+                "gateway.budget.redis_key_prefix",
+                "gateway.auth.mode"
+            ]
+        );
+        assert!(!violations[0].value.contains("short"));
+        assert!(
+            violations[2].rule.contains("0.0.0.0"),
+            "{}",
+            violations[2].rule
+        );
+        settings.gateway.auth.bootstrap_admin_key = Some("k".repeat(40));
+        let dumped = settings.dump();
+        assert!(!dumped.contains(&"k".repeat(40)), "{dumped}");
+        assert!(!dumped.contains(&"s".repeat(40)), "{dumped}");
+        assert!(
+            dumped.contains("bootstrap_admin_key = \"****\""),
+            "{dumped}"
         );
     }
 

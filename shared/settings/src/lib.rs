@@ -14,8 +14,9 @@ pub mod bootstrap;
 pub mod live;
 
 pub use bootstrap::{
-    AgentServiceSettings, AuditOverflow, CacheServiceSettings, GatewayAuditSettings,
-    GatewayFallback, GatewaySettings, LoadError, LogFormat, ProviderKind, ResponseCacheSettings,
-    SanitizePolicy, Settings, Violation, WorkflowSettings,
+    AgentServiceSettings, AuditOverflow, AuthMode, CacheServiceSettings, GatewayAuditSettings,
+    GatewayAuthSettings, GatewayBudgetSettings, GatewayFallback, GatewaySettings, LoadError,
+    LogFormat, ProviderKind, ResponseCacheSettings, SanitizePolicy, Settings, Violation,
+    WorkflowSettings,
 };
 pub use live::{LiveSettings, Scope};

@@ -132,7 +132,52 @@ pub const FIELDS: &[FieldSpec] = &[
         path: "llm.pool_size",
         kind: FieldKind::Int { min: 1, max: 1024 },
     },
+    FieldSpec {
+        path: "limits.user_rps",
+        kind: FieldKind::Int {
+            min: 0,
+            max: 1_000_000,
+        },
+    },
+    FieldSpec {
+        path: "limits.user_burst",
+        kind: FieldKind::Int {
+            min: 1,
+            max: 1_000_000,
+        },
+    },
+    FieldSpec {
+        path: "limits.admin_rps",
+        kind: FieldKind::Int {
+            min: 0,
+            max: 1_000_000,
+        },
+    },
+    FieldSpec {
+        path: "limits.admin_burst",
+        kind: FieldKind::Int {
+            min: 1,
+            max: 1_000_000,
+        },
+    },
+    FieldSpec {
+        path: "budget.tokens_per_day",
+        kind: FieldKind::Int {
+            min: 0,
+            max: MAX_BUDGET_TOKENS,
+        },
+    },
+    FieldSpec {
+        path: "budget.tokens_per_month",
+        kind: FieldKind::Int {
+            min: 0,
+            max: MAX_BUDGET_TOKENS,
+        },
+    },
 ];
+
+/// Largest token budget accepted (10^15).
+pub const MAX_BUDGET_TOKENS: i64 = 1_000_000_000_000_000;
 
 /// Looks up a field by its dotted path.
 pub fn field(path: &str) -> Option<&'static FieldSpec> {
@@ -342,6 +387,22 @@ impl Values {
         if let Some(llm) = &settings.llm {
             put("llm.pool_size", llm.pool_size.map(Value::Int));
         }
+        if let Some(limits) = &settings.limits {
+            put("limits.user_rps", limits.user_rps.map(Value::Int));
+            put("limits.user_burst", limits.user_burst.map(Value::Int));
+            put("limits.admin_rps", limits.admin_rps.map(Value::Int));
+            put("limits.admin_burst", limits.admin_burst.map(Value::Int));
+        }
+        if let Some(budget) = &settings.budget {
+            put(
+                "budget.tokens_per_day",
+                budget.tokens_per_day.map(Value::Int),
+            );
+            put(
+                "budget.tokens_per_month",
+                budget.tokens_per_month.map(Value::Int),
+            );
+        }
         values
     }
 
@@ -386,6 +447,16 @@ impl Values {
         let llm = pb::LlmSettings {
             pool_size: int("llm.pool_size"),
         };
+        let limits = pb::LimitsSettings {
+            user_rps: int("limits.user_rps"),
+            user_burst: int("limits.user_burst"),
+            admin_rps: int("limits.admin_rps"),
+            admin_burst: int("limits.admin_burst"),
+        };
+        let budget = pb::BudgetSettings {
+            tokens_per_day: int("budget.tokens_per_day"),
+            tokens_per_month: int("budget.tokens_per_month"),
+        };
         let section = |present: bool| present;
         pb::Settings {
             agent: section(agent != pb::AgentSettings::default()).then_some(agent),
@@ -394,6 +465,8 @@ impl Values {
             retention: section(retention != pb::RetentionSettings::default()).then_some(retention),
             batch: section(batch != pb::BatchSettings::default()).then_some(batch),
             llm: section(llm != pb::LlmSettings::default()).then_some(llm),
+            limits: section(limits != pb::LimitsSettings::default()).then_some(limits),
+            budget: section(budget != pb::BudgetSettings::default()).then_some(budget),
         }
     }
 }
@@ -407,12 +480,15 @@ pub enum Scope {
     Agent(String),
     /// Applies to one project.
     Project(String),
+    /// Applies to one gateway API key (by key id): only the per-key rate
+    /// limits (`limits.*`) are read from it.
+    Key(String),
 }
 
 /// Why a scope name is invalid.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "must be `global`, `agent/<name>` or `project/<name>` with a name of 1 to 64 characters of [A-Za-z0-9._-]"
+    "must be `global`, `agent/<name>`, `project/<name>` or `key/<name>` with a name of 1 to 64 characters of [A-Za-z0-9._-]"
 )]
 pub struct InvalidScope;
 
@@ -425,7 +501,7 @@ pub fn is_valid_name(name: &str) -> bool {
 }
 
 impl Scope {
-    /// Parses `global`, `agent/<name>` or `project/<name>`.
+    /// Parses `global`, `agent/<name>`, `project/<name>` or `key/<name>`.
     pub fn parse(text: &str) -> Result<Scope, InvalidScope> {
         if text == "global" {
             return Ok(Scope::Global);
@@ -437,6 +513,7 @@ impl Scope {
         match kind {
             "agent" => Ok(Scope::Agent(name.to_owned())),
             "project" => Ok(Scope::Project(name.to_owned())),
+            "key" => Ok(Scope::Key(name.to_owned())),
             _ => Err(InvalidScope),
         }
     }
@@ -448,6 +525,7 @@ impl fmt::Display for Scope {
             Scope::Global => f.write_str("global"),
             Scope::Agent(name) => write!(f, "agent/{name}"),
             Scope::Project(name) => write!(f, "project/{name}"),
+            Scope::Key(name) => write!(f, "key/{name}"),
         }
     }
 }
@@ -547,6 +625,10 @@ pub struct LiveSettings {
     pub batch: BatchSettings,
     /// LLM client limits.
     pub llm: LlmSettings,
+    /// Per-API-key rate limits at the gateway.
+    pub limits: LimitsSettings,
+    /// Per-project token budgets at the gateway.
+    pub budget: BudgetSettings,
 }
 
 /// Agent execution defaults.
@@ -611,6 +693,41 @@ pub struct BatchSettings {
 pub struct LlmSettings {
     /// Pooled connections and in-flight bound per provider.
     pub pool_size: i64,
+}
+
+/// Per-API-key rate limits (token buckets) at the gateway.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSettings {
+    /// Sustained requests per second of a user key; 0 is unlimited.
+    pub user_rps: i64,
+    /// Bucket size of a user key.
+    pub user_burst: i64,
+    /// Sustained requests per second of an admin key; 0 is unlimited.
+    pub admin_rps: i64,
+    /// Bucket size of an admin key.
+    pub admin_burst: i64,
+}
+
+/// Per-project token budgets at the gateway.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetSettings {
+    /// Tokens per UTC day; 0 is unlimited.
+    pub tokens_per_day: i64,
+    /// Tokens per UTC calendar month; 0 is unlimited.
+    pub tokens_per_month: i64,
+}
+
+impl Default for LimitsSettings {
+    fn default() -> Self {
+        Self {
+            user_rps: 50,
+            user_burst: 100,
+            admin_rps: 200,
+            admin_burst: 400,
+        }
+    }
 }
 
 impl Default for AgentSettings {
@@ -721,6 +838,18 @@ impl LiveSettings {
             Value::Int(self.batch.max_concurrency),
         );
         put("llm.pool_size", Value::Int(self.llm.pool_size));
+        put("limits.user_rps", Value::Int(self.limits.user_rps));
+        put("limits.user_burst", Value::Int(self.limits.user_burst));
+        put("limits.admin_rps", Value::Int(self.limits.admin_rps));
+        put("limits.admin_burst", Value::Int(self.limits.admin_burst));
+        put(
+            "budget.tokens_per_day",
+            Value::Int(self.budget.tokens_per_day),
+        );
+        put(
+            "budget.tokens_per_month",
+            Value::Int(self.budget.tokens_per_month),
+        );
         values
     }
 
@@ -757,6 +886,16 @@ impl LiveSettings {
                     settings.batch.max_concurrency = *number
                 }
                 ("llm.pool_size", Value::Int(number)) => settings.llm.pool_size = *number,
+                ("limits.user_rps", Value::Int(number)) => settings.limits.user_rps = *number,
+                ("limits.user_burst", Value::Int(number)) => settings.limits.user_burst = *number,
+                ("limits.admin_rps", Value::Int(number)) => settings.limits.admin_rps = *number,
+                ("limits.admin_burst", Value::Int(number)) => settings.limits.admin_burst = *number,
+                ("budget.tokens_per_day", Value::Int(number)) => {
+                    settings.budget.tokens_per_day = *number
+                }
+                ("budget.tokens_per_month", Value::Int(number)) => {
+                    settings.budget.tokens_per_month = *number
+                }
                 _ => {}
             }
         }
@@ -774,6 +913,8 @@ mod tests {
         settings.agent.default_model = "m".into();
         settings.agent.temperature = 1.25;
         settings.llm.pool_size = 3;
+        settings.limits.user_rps = 7;
+        settings.budget.tokens_per_month = 9;
         let values = settings.to_values();
         assert_eq!(values.iter().count(), FIELDS.len());
         assert_eq!(Values::from_proto(&values.to_proto()), values);
@@ -852,6 +993,7 @@ mod tests {
             Scope::parse("project/p-1.x").unwrap().to_string(),
             "project/p-1.x"
         );
+        assert_eq!(Scope::parse("key/0a1b"), Ok(Scope::Key("0a1b".into())));
         for bad in [
             "",
             "Global",
