@@ -837,3 +837,77 @@ async fn auth_off_on_a_loopback_gateway_runs_every_call_as_admin() -> anyhow::Re
     db.cleanup().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_tasks_are_allowed_counted_locally_and_written_later() -> anyhow::Result<()>
+{
+    let mut redis = agentmesh_tests::cache::RedisProcess::start().await?;
+    let db = TestDatabase::new(agentmesh_tests::Backend::Sqlite)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("cannot create a temp dir"))?;
+    let url = redis.url();
+    let suite = Suite::start(&db, 1, |settings| {
+        settings.redis_url = Some(url.clone());
+        settings.gateway.budget.store_timeout_ms = 300;
+    })
+    .await?;
+    let mut gateway = suite.gateway(0).await?;
+    let mut keys = suite.keys(0).await?;
+    let mut config = suite.config().await?;
+    update_scope(&mut config, "project/capped", day_budget(1)).await?;
+    update_scope(&mut config, "project/marker", day_budget(1)).await?;
+    execute(&mut gateway, BOOTSTRAP, "marker").await.ok();
+    poll("the budgets reached the gateway", || {
+        let mut gateway = gateway.clone();
+        async move { Ok(execute(&mut gateway, BOOTSTRAP, "marker").await.err()) }
+    })
+    .await?;
+
+    redis.kill().await?;
+    // The counter store is gone: a project under its budget still runs...
+    let served = execute(&mut gateway, BOOTSTRAP, "capped").await?;
+    let tokens = served.usage.unwrap().total_tokens as u64;
+    execute(&mut gateway, BOOTSTRAP, "free").await?;
+    // ...its own usage still counts against the budget here...
+    let status = execute(&mut gateway, BOOTSTRAP, "capped")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // ...and reading usage says the store is unavailable.
+    let status = keys
+        .get_project_usage(with_key(
+            pb::GetProjectUsageRequest {
+                project_id: "free".into(),
+            },
+            BOOTSTRAP,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("redis"), "{status:?}");
+
+    // Redis is back (empty): the usage counted meanwhile is written.
+    redis.restart().await?;
+    let client = redis::Client::open(redis.url())?;
+    let day_key = format!(
+        "agentmesh:budget:d:{}:free",
+        chrono::Utc::now().format("%Y-%m-%d")
+    );
+    let stored = poll("usage counted while Redis was down is written", || {
+        let client = client.clone();
+        let day_key = day_key.clone();
+        async move {
+            let mut connection = client.get_multiplexed_async_connection().await?;
+            let stored: Option<u64> = redis::cmd("GET")
+                .arg(&day_key)
+                .query_async(&mut connection)
+                .await?;
+            Ok(stored)
+        }
+    })
+    .await?;
+    assert_eq!(stored, tokens);
+    suite.stop().await?;
+    db.cleanup().await;
+    Ok(())
+}
