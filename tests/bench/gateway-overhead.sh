@@ -10,7 +10,7 @@
 set -euo pipefail
 seconds=${1:-15}
 out=${2:-$(mktemp -d)}
-bin=${AGENTMESH_BIN:-target/release/agentmesh}
+bin=${BENCH_BIN:-target/release/agentmesh}
 data=$(mktemp -d)
 mkdir -p "$out"
 export AGENTMESH_AGENT_SERVICE__LOCAL__LATENCY_MS=0

@@ -46,8 +46,8 @@ impl GatewayGrpc {
 }
 
 /// Who is calling: recorded with approvals, rejections, cancels and stops.
-/// The API key's id (`key:<id>`; `key:anonymous` while authentication is
-/// off, then with the peer address).
+/// The API key's id (`key:<id>`); while authentication is off, the peer
+/// address.
 pub fn caller_identity<T>(request: &Request<T>) -> String {
     let peer = request
         .remote_addr()
@@ -56,8 +56,7 @@ pub fn caller_identity<T>(request: &Request<T>) -> String {
         Some(principal) if principal.key_id() != crate::auth::ANONYMOUS_KEY_ID => {
             format!("key:{}", principal.key_id())
         }
-        Some(principal) => format!("key:{} ({peer})", principal.key_id()),
-        None => peer,
+        _ => peer,
     }
 }
 

@@ -196,8 +196,7 @@ pub async fn serve(
     log_auth_mode(settings, &authenticator, address);
     let budgets = budget::Budgets::start(settings, database.clone(), watcher.clone())?;
     let gateway = Arc::new(
-        build(settings, gateway_id.clone(), watcher.clone())?
-            .with_budgets(Arc::clone(&budgets)),
+        build(settings, gateway_id.clone(), watcher.clone())?.with_budgets(Arc::clone(&budgets)),
     );
     {
         // Resolve names before serving, then keep nodes and loads current.
