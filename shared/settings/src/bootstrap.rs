@@ -1330,13 +1330,6 @@ impl Settings {
             );
         }
         check(
-            self.endpoints.audit.starts_with("http://")
-                || self.endpoints.audit.starts_with("https://"),
-            "endpoints.audit",
-            format!("{:?}", self.endpoints.audit),
-            "must start with http:// or https://",
-        );
-        check(
             (10..=60_000).contains(&self.config_service.poll_interval_ms),
             "config_service.poll_interval_ms",
             self.config_service.poll_interval_ms.to_string(),

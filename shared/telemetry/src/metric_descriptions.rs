@@ -254,6 +254,106 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
         "Retries the gateway's retry budget refused",
     ),
     (
+        "agentmesh_gateway_api_keys",
+        MetricKind::Gauge,
+        "API keys the gateway knows (active ones)",
+    ),
+    (
+        "agentmesh_gateway_auth_failures_total",
+        MetricKind::Counter,
+        "Calls refused for a missing, malformed, unknown or revoked API key, by reason",
+    ),
+    (
+        "agentmesh_gateway_rate_limited_total",
+        MetricKind::Counter,
+        "Calls refused by a key's rate limit",
+    ),
+    (
+        "agentmesh_gateway_budget_refusals_total",
+        MetricKind::Counter,
+        "Tasks refused because their project's token budget is used up, by period",
+    ),
+    (
+        "agentmesh_gateway_tokens_total",
+        MetricKind::Counter,
+        "Tokens counted against project budgets",
+    ),
+    (
+        "agentmesh_gateway_usage_store_failures_total",
+        MetricKind::Counter,
+        "Failed reads or writes of token usage (Redis or the database)",
+    ),
+    (
+        "agentmesh_gateway_audit_buffer_depth",
+        MetricKind::Gauge,
+        "Gateway audit buffer depth",
+    ),
+    (
+        "agentmesh_gateway_audit_delivered_total",
+        MetricKind::Counter,
+        "Gateway audit delivered",
+    ),
+    (
+        "agentmesh_gateway_audit_delivery_failures_total",
+        MetricKind::Counter,
+        "Gateway audit delivery failures",
+    ),
+    (
+        "agentmesh_gateway_audit_dropped_total",
+        MetricKind::Counter,
+        "Gateway audit dropped",
+    ),
+    (
+        "agentmesh_gateway_audit_refused_total",
+        MetricKind::Counter,
+        "Gateway audit refused",
+    ),
+    (
+        "agentmesh_gateway_cache_errors_total",
+        MetricKind::Counter,
+        "Gateway cache errors",
+    ),
+    (
+        "agentmesh_gateway_cache_lookups_total",
+        MetricKind::Counter,
+        "Gateway cache lookups",
+    ),
+    (
+        "agentmesh_gateway_cache_stores_total",
+        MetricKind::Counter,
+        "Gateway cache stores",
+    ),
+    (
+        "agentmesh_gateway_workflow_audit_failures_total",
+        MetricKind::Counter,
+        "Gateway workflow audit failures",
+    ),
+    (
+        "agentmesh_gateway_workflow_runs_active",
+        MetricKind::Gauge,
+        "Gateway workflow runs active",
+    ),
+    (
+        "agentmesh_gateway_workflow_runs_finished_total",
+        MetricKind::Counter,
+        "Gateway workflow runs finished",
+    ),
+    (
+        "agentmesh_gateway_workflow_runs_started_total",
+        MetricKind::Counter,
+        "Gateway workflow runs started",
+    ),
+    (
+        "agentmesh_gateway_workflow_step_duration_seconds",
+        MetricKind::Histogram,
+        "Gateway workflow step duration (seconds)",
+    ),
+    (
+        "agentmesh_gateway_workflow_steps_total",
+        MetricKind::Counter,
+        "Gateway workflow steps",
+    ),
+    (
         "agentmesh_gateway_nodes",
         MetricKind::Gauge,
         "Agent nodes the gateway routes over (configured addresses and resolved names)",
