@@ -121,17 +121,6 @@ impl Fleet {
         })
     }
 
-    /// A fleet over fixed nodes (no names to resolve).
-    pub fn fixed(nodes: Vec<Arc<Node>>) -> Self {
-        Self {
-            configured: Vec::new(),
-            nodes: RwLock::new(Arc::new(nodes)),
-            max_message_bytes: 4 << 20,
-            discovery_interval: Duration::from_secs(5),
-            load_interval: Duration::from_secs(1),
-        }
-    }
-
     /// The nodes now (a snapshot; cheap).
     pub fn nodes(&self) -> Arc<Vec<Arc<Node>>> {
         Arc::clone(&self.nodes.read().unwrap_or_else(PoisonError::into_inner))
