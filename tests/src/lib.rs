@@ -14,6 +14,7 @@ pub mod cache;
 pub mod gateway_node;
 pub mod llm_server;
 pub mod node;
+pub mod tls;
 
 use agentmesh_settings::Settings;
 use sea_orm::{ConnectionTrait, DbBackend, Statement};

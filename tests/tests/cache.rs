@@ -354,11 +354,18 @@ async fn replicas_keep_each_others_l1_coherent() {
     let mut client_b = b.client().await.unwrap();
     set(&mut client_a, "k", "v1", 60, &[]).await;
     assert_eq!(level(&get(&mut client_b, "k").await), pb::HitLevel::L2);
-    let cached = get(&mut client_b, "k").await;
-    assert_eq!(
-        (level(&cached), value(&cached).as_str()),
-        (pb::HitLevel::L1, "v1")
-    );
+    // The L2 read refills B's L1. A's invalidation for its own set may
+    // reach B after that read and drop the entry once (conservative, never
+    // stale), so B serves v1 from L1 within a few reads, never anything else.
+    eventually("B serves v1 from L1", || {
+        let mut client = client_b.clone();
+        async move {
+            let cached = get(&mut client, "k").await;
+            assert_eq!(value(&cached), "v1");
+            level(&cached) == pb::HitLevel::L1
+        }
+    })
+    .await;
     set(&mut client_a, "k", "v2", 60, &[]).await;
     eventually("B serves v2", || {
         let mut client = client_b.clone();
@@ -506,7 +513,7 @@ async fn get_or_fetch_computes_once_for_concurrent_callers() {
         };
         let fetches = Arc::clone(&fetches);
         callers.spawn(async move {
-            let cache = CacheClient::connect_lazy(&endpoint, NS).unwrap();
+            let cache = CacheClient::connect_lazy(&endpoint, &Default::default(), NS).unwrap();
             cache
                 .get_or_fetch("report", Duration::from_secs(60), || async {
                     fetches.fetch_add(1, Ordering::SeqCst);

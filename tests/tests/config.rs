@@ -598,7 +598,12 @@ async fn config_watcher_keeps_snapshot_while_service_is_down(
     let address = node.address;
     let mut client = node.client().await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let watcher = ConfigWatcher::start(&node.endpoint(), &LiveSettings::default(), &shutdown)?;
+    let watcher = ConfigWatcher::start(
+        &node.endpoint(),
+        &Default::default(),
+        &LiveSettings::default(),
+        &shutdown,
+    )?;
     let written = client
         .update(update("agent/coder", agent(Some(0.25), None)))
         .await?

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agentmesh_settings::Settings;
+use agentmesh_settings::{ClientTlsSettings, Settings};
 use clap::Args;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -16,7 +16,8 @@ use tonic_health::pb::health_client::HealthClient;
 /// `agentmesh health` flags.
 #[derive(Debug, Args)]
 pub struct HealthArgs {
-    /// Server to check (`http://host:port`). Without it, every gRPC port of
+    /// Server to check (`http://host:port`, or `https://…` using
+    /// `endpoints.tls` from the settings). Without it, every gRPC port of
     /// this host's settings (`ports.*`, same `--config` and `AGENTMESH_*`
     /// environment as the server) is checked on loopback: ports nobody
     /// listens on are skipped, every listener must be SERVING, and at least
@@ -45,6 +46,15 @@ enum CheckError {
 
 /// Runs the check and prints one line per checked server.
 pub async fn run(args: &HealthArgs, config: Option<&Path>) -> ExitCode {
+    // The same settings as the server: `endpoints.tls` says how to reach an
+    // `https://` listener (CA, client certificate for mTLS, server name).
+    let settings = match Settings::load(config) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("agentmesh health: {error}");
+            return ExitCode::from(2);
+        }
+    };
     match &args.addr {
         Some(addr) => {
             let target = if addr.contains("://") {
@@ -52,14 +62,20 @@ pub async fn run(args: &HealthArgs, config: Option<&Path>) -> ExitCode {
             } else {
                 format!("http://{addr}")
             };
-            let outcome = check(&target, &args.service, args.timeout).await;
+            let outcome = check(
+                &target,
+                &settings.endpoints.tls,
+                &args.service,
+                args.timeout,
+            )
+            .await;
             if report(&target, &args.service, outcome) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             }
         }
-        None => check_local(config, args.timeout).await,
+        None => check_local(&settings, args.timeout).await,
     }
 }
 
@@ -90,10 +106,11 @@ fn report(target: &str, service: &str, outcome: Result<ServingStatus, CheckError
 /// (connecting included).
 async fn check(
     target: &str,
+    tls: &ClientTlsSettings,
     service: &str,
     timeout: Duration,
 ) -> Result<ServingStatus, CheckError> {
-    let channel = agentmesh_client::connect_lazy(target)
+    let channel = agentmesh_client::connect_lazy(target, tls)
         .map_err(|error| CheckError::Address(target.to_owned(), error.to_string()))?;
     let mut client = HealthClient::new(channel);
     let request = HealthCheckRequest {
@@ -113,13 +130,11 @@ async fn check(
 }
 
 /// Checks every gRPC listener that this host's settings configure.
-async fn check_local(config: Option<&Path>, timeout: Duration) -> ExitCode {
-    let settings = match Settings::load(config) {
-        Ok(settings) => settings,
-        Err(error) => {
-            eprintln!("agentmesh health: {error}");
-            return ExitCode::from(2);
-        }
+async fn check_local(settings: &Settings, timeout: Duration) -> ExitCode {
+    let scheme = if settings.server.tls.enabled() {
+        "https"
+    } else {
+        "http"
     };
     let host: IpAddr = match settings.server.host.parse::<IpAddr>() {
         Ok(ip) if !ip.is_unspecified() => ip,
@@ -155,9 +170,13 @@ async fn check_local(config: Option<&Path>, timeout: Duration) -> ExitCode {
             }
         }
         answered += 1;
-        let target = format!("http://{address}");
+        let target = format!("{scheme}://{address}");
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        healthy &= report(&target, "", check(&target, "", left).await);
+        healthy &= report(
+            &target,
+            "",
+            check(&target, &settings.endpoints.tls, "", left).await,
+        );
     }
     if answered == 0 {
         eprintln!(

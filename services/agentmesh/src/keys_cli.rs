@@ -130,9 +130,15 @@ async fn connect(connection: &Connection) -> anyhow::Result<Client> {
         ),
         None => None,
     };
-    let channel = Endpoint::from_shared(address.clone())?
+    let mut endpoint = Endpoint::from_shared(address.clone())?
         .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(5));
+    if address.starts_with("https://") {
+        // The system's trust store.
+        endpoint =
+            endpoint.tls_config(agentmesh_client::client_tls_config(&Default::default())?)?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .map_err(|error| anyhow::anyhow!("cannot connect to {address}: {error}"))?;

@@ -158,7 +158,12 @@ pub async fn serve(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let watcher = ConfigWatcher::start(&settings.endpoints.config, &settings.defaults, &shutdown)?;
+    let watcher = ConfigWatcher::start(
+        &settings.endpoints.config,
+        &settings.endpoints.tls,
+        &settings.defaults,
+        &shutdown,
+    )?;
     let core = start_core(settings, Some(watcher), &shutdown)?;
     let message_limit = settings
         .server

@@ -26,7 +26,7 @@ use agentmesh_client::{ClientError, TracedChannel, connect_lazy};
 use agentmesh_proto::audit as audit_pb;
 use agentmesh_proto::audit::audit_service_client::AuditServiceClient;
 use agentmesh_resilience::Backoff;
-use agentmesh_settings::{AuditOverflow, GatewayAuditSettings};
+use agentmesh_settings::{AuditOverflow, ClientTlsSettings, GatewayAuditSettings};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -120,8 +120,12 @@ pub struct AuditSink {
 impl AuditSink {
     /// A sink delivering to the audit service at `endpoint` (connecting on
     /// first use). Spawns the delivery task: call from a Tokio runtime.
-    pub fn start(endpoint: &str, settings: &GatewayAuditSettings) -> Result<Self, ClientError> {
-        let client = AuditServiceClient::new(connect_lazy(endpoint)?);
+    pub fn start(
+        endpoint: &str,
+        tls: &ClientTlsSettings,
+        settings: &GatewayAuditSettings,
+    ) -> Result<Self, ClientError> {
+        let client = AuditServiceClient::new(connect_lazy(endpoint, tls)?);
         let shared = Arc::new(Shared {
             buffer: Mutex::new(Buffer::default()),
             wake: Notify::new(),
@@ -421,6 +425,7 @@ mod tests {
         // Nothing listens there: events stay buffered.
         let sink = AuditSink::start(
             "http://127.0.0.1:1",
+            &ClientTlsSettings::default(),
             &settings(2, AuditOverflow::FailClosed),
         )
         .unwrap();
@@ -444,6 +449,7 @@ mod tests {
     async fn drop_oldest_keeps_the_newest_events() {
         let sink = AuditSink::start(
             "http://127.0.0.1:1",
+            &ClientTlsSettings::default(),
             &settings(2, AuditOverflow::DropOldest),
         )
         .unwrap();

@@ -15,7 +15,7 @@ use std::time::Duration;
 use agentmesh_client::ClientError;
 use agentmesh_proto::agent as agent_pb;
 use agentmesh_resilience::BreakerConfig;
-use agentmesh_settings::GatewaySettings;
+use agentmesh_settings::{ClientTlsSettings, GatewaySettings};
 use tokio_util::sync::CancellationToken;
 
 use crate::node::Node;
@@ -87,6 +87,7 @@ impl Configured {
 pub struct Fleet {
     configured: Vec<Configured>,
     nodes: RwLock<Arc<Vec<Arc<Node>>>>,
+    tls: ClientTlsSettings,
     max_message_bytes: usize,
     discovery_interval: Duration,
     load_interval: Duration,
@@ -97,6 +98,7 @@ impl Fleet {
     /// nodes at once; names are resolved by [`Fleet::refresh`]).
     pub fn new(
         settings: &GatewaySettings,
+        tls: &ClientTlsSettings,
         config: BreakerConfig,
         max_message_bytes: usize,
     ) -> Result<Self, ClientError> {
@@ -109,12 +111,20 @@ impl Fleet {
             .iter()
             .filter(|entry| entry.host.is_none())
             .map(|entry| {
-                Node::new(&entry.endpoint, &entry.endpoint, config, max_message_bytes).map(Arc::new)
+                Node::new(
+                    &entry.endpoint,
+                    &entry.endpoint,
+                    tls,
+                    config,
+                    max_message_bytes,
+                )
+                .map(Arc::new)
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             configured,
             nodes: RwLock::new(Arc::new(nodes)),
+            tls: tls.clone(),
             max_message_bytes,
             discovery_interval: Duration::from_millis(settings.discovery_interval_ms),
             load_interval: Duration::from_millis(settings.load_poll_interval_ms),
@@ -184,7 +194,13 @@ impl Fleet {
                 next.push(Arc::clone(known));
                 continue;
             }
-            match Node::new(&endpoint, &source, config, self.max_message_bytes) {
+            match Node::new(
+                &endpoint,
+                &source,
+                &self.tls,
+                config,
+                self.max_message_bytes,
+            ) {
                 Ok(node) => {
                     tracing::info!(endpoint, source, "agent node added");
                     next.push(Arc::new(node));
@@ -263,6 +279,7 @@ mod tests {
                 "http://[::1]:7002",
                 "http://localhost:7003",
             ]),
+            &ClientTlsSettings::default(),
             BreakerConfig::default(),
             1 << 20,
         )
@@ -306,6 +323,7 @@ mod tests {
     async fn a_name_that_stops_resolving_keeps_its_nodes() {
         let fleet = Fleet::new(
             &settings(&["http://name-that-does-not-exist.invalid:7001"]),
+            &ClientTlsSettings::default(),
             BreakerConfig::default(),
             1 << 20,
         )

@@ -119,6 +119,7 @@ pub fn build(
     let config = node::breaker_config(&watcher.effective(None, None));
     let fleet = Arc::new(fleet::Fleet::new(
         &settings.gateway,
+        &settings.endpoints.tls,
         config,
         settings.server.max_message_bytes,
     )?);
@@ -138,10 +139,15 @@ pub fn build(
         budget_ratio: settings.gateway.retry_budget_percent as f32 / 100.0,
         min_per_second: settings.gateway.retry_min_per_second,
     };
-    let cache = ResponseCache::new(&settings.endpoints.cache, &settings.gateway.response_cache)?;
+    let cache = ResponseCache::new(
+        &settings.endpoints.cache,
+        &settings.endpoints.tls,
+        &settings.gateway.response_cache,
+    )?;
     let audit = if settings.gateway.audit.enabled {
         Some(AuditSink::start(
             &settings.endpoints.audit,
+            &settings.endpoints.tls,
             &settings.gateway.audit,
         )?)
     } else {
@@ -180,7 +186,12 @@ pub async fn serve(
     migrate(&database).await?;
     let keyring =
         auth::keyring::Keyring::load(auth::store::KeyStore::new(database.clone())).await?;
-    let watcher = ConfigWatcher::start(&settings.endpoints.config, &settings.defaults, &shutdown)?;
+    let watcher = ConfigWatcher::start(
+        &settings.endpoints.config,
+        &settings.endpoints.tls,
+        &settings.defaults,
+        &shutdown,
+    )?;
     let authenticator = Arc::new(auth::Authenticator::new(
         auth_enabled,
         hasher,
@@ -221,7 +232,7 @@ pub async fn serve(
         definitions,
         settings.gateway.workflows.clone(),
         gateway_id,
-        workflow::audit::AuditSink::new(&settings.endpoints.audit),
+        workflow::audit::AuditSink::new(&settings.endpoints.audit, &settings.endpoints.tls),
         shutdown.child_token(),
     );
     if let Err(error) = workflows.start().await {

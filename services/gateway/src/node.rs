@@ -14,7 +14,7 @@ use agentmesh_client::{ClientError, TracedChannel, connect_lazy};
 use agentmesh_proto::agent as agent_pb;
 use agentmesh_proto::agent::agent_service_client::AgentServiceClient;
 use agentmesh_resilience::{Breaker, BreakerConfig, BreakerState, CircuitBreaker, FailureRate};
-use agentmesh_settings::LiveSettings;
+use agentmesh_settings::{ClientTlsSettings, LiveSettings};
 use rand::Rng;
 use tokio::time::Instant;
 use tonic::Status;
@@ -334,10 +334,11 @@ impl Node {
     pub fn new(
         endpoint: &str,
         source: &str,
+        tls: &ClientTlsSettings,
         config: BreakerConfig,
         max_message_bytes: usize,
     ) -> Result<Self, ClientError> {
-        let client = AgentServiceClient::new(connect_lazy(endpoint)?)
+        let client = AgentServiceClient::new(connect_lazy(endpoint, tls)?)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);
         let health = Arc::new(Health {
@@ -645,7 +646,10 @@ mod tests {
         (1..=count)
             .map(|port| {
                 let endpoint = format!("http://127.0.0.1:{port}");
-                Arc::new(Node::new(&endpoint, &endpoint, config(), 1 << 20).unwrap())
+                Arc::new(
+                    Node::new(&endpoint, &endpoint, &Default::default(), config(), 1 << 20)
+                        .unwrap(),
+                )
             })
             .collect()
     }

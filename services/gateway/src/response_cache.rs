@@ -27,7 +27,7 @@ use agentmesh_proto::cache as cache_pb;
 use agentmesh_proto::cache::cache_service_client::CacheServiceClient;
 use agentmesh_proto::common as common_pb;
 use agentmesh_proto::gateway as pb;
-use agentmesh_settings::{LiveSettings, ResponseCacheSettings};
+use agentmesh_settings::{ClientTlsSettings, LiveSettings, ResponseCacheSettings};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
@@ -177,10 +177,14 @@ pub struct ResponseCache {
 impl ResponseCache {
     /// A cache client of `endpoint` (connecting on first use); disabled
     /// when `settings.enabled` is false.
-    pub fn new(endpoint: &str, settings: &ResponseCacheSettings) -> Result<Self, ClientError> {
+    pub fn new(
+        endpoint: &str,
+        tls: &ClientTlsSettings,
+        settings: &ResponseCacheSettings,
+    ) -> Result<Self, ClientError> {
         let client = if settings.enabled {
             Some(
-                CacheServiceClient::new(connect_lazy(endpoint)?)
+                CacheServiceClient::new(connect_lazy(endpoint, tls)?)
                     .max_decoding_message_size(settings.max_value_bytes + 64 * 1024)
                     .max_encoding_message_size(settings.max_value_bytes + 64 * 1024),
             )
@@ -551,8 +555,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_offline_fleet_makes_every_task_deterministic() {
-        let cache =
-            ResponseCache::new("http://127.0.0.1:1", &ResponseCacheSettings::default()).unwrap();
+        let cache = ResponseCache::new(
+            "http://127.0.0.1:1",
+            &ClientTlsSettings::default(),
+            &ResponseCacheSettings::default(),
+        )
+        .unwrap();
         let warm = EffectiveParameters {
             temperature: 0.7,
             ..parameters()

@@ -8,6 +8,8 @@ use std::time::Duration;
 use agentmesh_proto::cache as pb;
 use agentmesh_proto::cache::cache_service_client::CacheServiceClient;
 
+use agentmesh_settings::ClientTlsSettings;
+
 use crate::channel::{ClientError, TracedChannel, connect_lazy};
 
 /// How many times `get_or_fetch` asks again while another caller holds the
@@ -33,9 +35,13 @@ fn proto_duration(duration: Duration) -> prost_types::Duration {
 impl CacheClient {
     /// A client of `namespace` on the cache service at `endpoint`, with a
     /// 30 s lease timeout and a 5 s wait for other fillers.
-    pub fn connect_lazy(endpoint: &str, namespace: &str) -> Result<Self, ClientError> {
+    pub fn connect_lazy(
+        endpoint: &str,
+        tls: &ClientTlsSettings,
+        namespace: &str,
+    ) -> Result<Self, ClientError> {
         Ok(Self {
-            client: CacheServiceClient::new(connect_lazy(endpoint)?),
+            client: CacheServiceClient::new(connect_lazy(endpoint, tls)?),
             namespace: namespace.to_owned(),
             lease_timeout: Duration::from_secs(30),
             max_wait: Duration::from_secs(5),

@@ -12,7 +12,7 @@ use agentmesh_proto::config as pb;
 use agentmesh_proto::config::config_service_client::ConfigServiceClient;
 use agentmesh_resilience::Backoff;
 use agentmesh_settings::live::{self, Values};
-use agentmesh_settings::{LiveSettings, Scope};
+use agentmesh_settings::{ClientTlsSettings, LiveSettings, Scope};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -72,10 +72,11 @@ impl ConfigWatcher {
     /// The watcher stops when `shutdown` is cancelled.
     pub fn start(
         endpoint: &str,
+        tls: &ClientTlsSettings,
         defaults: &LiveSettings,
         shutdown: &CancellationToken,
     ) -> Result<Self, ClientError> {
-        let channel = connect_lazy(endpoint)?;
+        let channel = connect_lazy(endpoint, tls)?;
         let mut scopes = BTreeMap::new();
         scopes.insert(Scope::Global, (0, defaults.to_values()));
         let (sender, state) = watch::channel(Arc::new(ConfigSnapshot {

@@ -18,6 +18,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::admin::Readiness;
 use crate::layers::{GrpcMetricsLayer, make_grpc_span};
+use crate::tls::{ReloadingTlsConfig, TlsError, is_loopback_host};
 
 /// Why a server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +32,14 @@ pub enum RuntimeError {
     /// A socket operation failed.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+    /// The TLS files could not be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
+
+/// The running tonic server, plaintext or TLS.
+type ServeFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
 
 /// Builds one gRPC listener: register services, then [`GrpcServer::serve`].
 pub struct GrpcServer {
@@ -162,21 +170,37 @@ impl GrpcServer {
             .into_inner();
 
         let local_addr = listener.local_addr()?;
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let routes = std::mem::take(&mut self.routes).routes();
         let stop_accepting = CancellationToken::new();
         let stop_signal = stop_accepting.clone();
-        let server = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .max_concurrent_streams(self.settings.max_concurrent_streams)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(layers)
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, async move { stop_signal.cancelled().await });
+            .add_routes(routes);
+        let stopped = async move { stop_signal.cancelled().await };
+        let tls = &self.settings.tls;
+        let server: ServeFuture = if tls.enabled() {
+            // The reloader and the accept loop stop with the process's
+            // shutdown token; the accept loop also when draining starts.
+            let config = ReloadingTlsConfig::start(tls, shutdown.clone())?;
+            let incoming = crate::tls::incoming(listener, config, stop_accepting.clone());
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
+        } else {
+            if !is_loopback_host(&self.settings.host) {
+                tracing::warn!(
+                    host = %self.settings.host,
+                    "serving plaintext gRPC on a non-loopback address: set server.tls.cert_file and server.tls.key_file (and server.tls.client_ca_file for mTLS), unless a service-mesh sidecar terminates mTLS in front of this listener"
+                );
+            }
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
+        };
         tokio::pin!(server);
 
         self.set_status(ServingStatus::Serving).await;
-        tracing::info!(address = %local_addr, services = ?self.service_names, "grpc server listening");
+        tracing::info!(address = %local_addr, tls = tls.enabled(), mtls = tls.client_ca_file.is_some(), services = ?self.service_names, "grpc server listening");
 
         tokio::select! {
             result = &mut server => {

@@ -71,6 +71,112 @@ pub struct ServerSettings {
     pub shutdown_delay_ms: u64,
     /// How long in-flight calls may take to finish after shutdown starts.
     pub shutdown_grace_seconds: u64,
+    /// TLS for every gRPC listener of this process (off by default).
+    pub tls: ServerTlsSettings,
+}
+
+/// TLS (rustls) for the gRPC listeners. The files are PEM and are re-read
+/// every `reload_interval_ms`; a changed certificate, key or CA is used for
+/// new connections without a restart (cert-manager rotation).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerTlsSettings {
+    /// Certificate chain (leaf first); TLS is on when this is set.
+    pub cert_file: Option<PathBuf>,
+    /// Private key of the certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// CA bundle that client certificates must chain to; setting it turns
+    /// on mTLS: a client without a valid certificate is refused.
+    pub client_ca_file: Option<PathBuf>,
+    /// How often the files are checked for changes, in milliseconds.
+    pub reload_interval_ms: Option<u64>,
+}
+
+impl ServerTlsSettings {
+    /// The reload period used when none is set.
+    pub const DEFAULT_RELOAD_INTERVAL_MS: u64 = 10_000;
+
+    /// Whether the listeners serve TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+
+    /// The effective reload period.
+    pub fn reload_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.reload_interval_ms
+                .unwrap_or(Self::DEFAULT_RELOAD_INTERVAL_MS),
+        )
+    }
+
+    fn validate(&self, check: &mut impl FnMut(bool, &str, String, &str)) {
+        check(
+            self.cert_file.is_some() == self.key_file.is_some(),
+            if self.cert_file.is_some() {
+                "server.tls.key_file"
+            } else {
+                "server.tls.cert_file"
+            },
+            "unset".to_owned(),
+            "server.tls.cert_file and server.tls.key_file must be set together",
+        );
+        if let Some(ca) = &self.client_ca_file {
+            check(
+                self.cert_file.is_some(),
+                "server.tls.client_ca_file",
+                ca.display().to_string(),
+                "needs server.tls.cert_file and server.tls.key_file (mTLS is TLS with client certificates)",
+            );
+        }
+        if let Some(interval) = self.reload_interval_ms {
+            check(
+                (100..=3_600_000).contains(&interval),
+                "server.tls.reload_interval_ms",
+                interval.to_string(),
+                "must be between 100 and 3600000",
+            );
+        }
+    }
+}
+
+/// TLS for the clients one service uses to call another. It applies to
+/// `https://` endpoints only; `http://` endpoints stay plaintext.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientTlsSettings {
+    /// CA bundle that servers' certificates must chain to; the system's
+    /// trust store when unset.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain presented to servers that require mTLS.
+    pub cert_file: Option<PathBuf>,
+    /// Private key of the client certificate.
+    pub key_file: Option<PathBuf>,
+    /// Name expected in the servers' certificates, instead of the
+    /// endpoint's host (for example when endpoints are IP addresses).
+    pub server_name: Option<String>,
+}
+
+impl ClientTlsSettings {
+    fn validate(&self, check: &mut impl FnMut(bool, &str, String, &str)) {
+        check(
+            self.cert_file.is_some() == self.key_file.is_some(),
+            if self.cert_file.is_some() {
+                "endpoints.tls.key_file"
+            } else {
+                "endpoints.tls.cert_file"
+            },
+            "unset".to_owned(),
+            "endpoints.tls.cert_file and endpoints.tls.key_file must be set together",
+        );
+        if let Some(name) = &self.server_name {
+            check(
+                !name.trim().is_empty() && name.len() <= 253,
+                "endpoints.tls.server_name",
+                format!("{name:?}"),
+                "must be 1 to 253 bytes",
+            );
+        }
+    }
 }
 
 /// Listening ports.
@@ -115,6 +221,8 @@ pub struct EndpointSettings {
     pub cache: String,
     /// Audit service endpoint (the gateway's audit events).
     pub audit: String,
+    /// TLS for `https://` endpoints (these and the gateway's agent nodes).
+    pub tls: ClientTlsSettings,
 }
 
 /// Behaviour of the config service.
@@ -1043,6 +1151,7 @@ impl Default for ServerSettings {
             max_concurrent_streams: 1024,
             shutdown_delay_ms: 0,
             shutdown_grace_seconds: 10,
+            tls: ServerTlsSettings::default(),
         }
     }
 }
@@ -1077,6 +1186,7 @@ impl Default for EndpointSettings {
             config: "http://127.0.0.1:50053".to_owned(),
             cache: "http://127.0.0.1:50055".to_owned(),
             audit: "http://127.0.0.1:50054".to_owned(),
+            tls: ClientTlsSettings::default(),
         }
     }
 }
@@ -1317,6 +1427,8 @@ impl Settings {
                 "must be 1 to 63 characters of [a-z0-9_], starting with a letter or _",
             );
         }
+        self.server.tls.validate(&mut check);
+        self.endpoints.tls.validate(&mut check);
         for (key, endpoint) in [
             ("endpoints.config", &self.endpoints.config),
             ("endpoints.cache", &self.endpoints.cache),

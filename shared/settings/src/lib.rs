@@ -14,9 +14,9 @@ pub mod bootstrap;
 pub mod live;
 
 pub use bootstrap::{
-    AgentServiceSettings, AuditOverflow, AuthMode, CacheServiceSettings, GatewayAuditSettings,
-    GatewayAuthSettings, GatewayBudgetSettings, GatewayFallback, GatewaySettings, LoadError,
-    LogFormat, ProviderKind, ResponseCacheSettings, SanitizePolicy, Settings, Violation,
-    WorkflowSettings,
+    AgentServiceSettings, AuditOverflow, AuthMode, CacheServiceSettings, ClientTlsSettings,
+    GatewayAuditSettings, GatewayAuthSettings, GatewayBudgetSettings, GatewayFallback,
+    GatewaySettings, LoadError, LogFormat, ProviderKind, ResponseCacheSettings, SanitizePolicy,
+    ServerTlsSettings, Settings, Violation, WorkflowSettings,
 };
 pub use live::{LiveSettings, Scope};

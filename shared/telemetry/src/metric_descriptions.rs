@@ -38,6 +38,16 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
         MetricKind::Gauge,
         "gRPC calls in progress, by service and method",
     ),
+    (
+        "agentmesh_tls_handshake_failures_total",
+        MetricKind::Counter,
+        "TLS handshakes that failed or timed out on a gRPC listener (mTLS without a valid client certificate included)",
+    ),
+    (
+        "agentmesh_tls_reloads_total",
+        MetricKind::Counter,
+        "Changes of the TLS certificate files picked up (outcome ok) or rejected, keeping the previous certificate (outcome error)",
+    ),
     // Config service and its clients.
     (
         "agentmesh_config_head_revision",

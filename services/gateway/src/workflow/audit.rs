@@ -44,8 +44,8 @@ pub struct AuditSink {
 impl AuditSink {
     /// A sink towards `endpoint`; events are only logged when the endpoint
     /// is unusable.
-    pub fn new(endpoint: &str) -> Self {
-        let client = match agentmesh_client::connect_lazy(endpoint) {
+    pub fn new(endpoint: &str, tls: &agentmesh_settings::ClientTlsSettings) -> Self {
+        let client = match agentmesh_client::connect_lazy(endpoint, tls) {
             Ok(channel) => Some(AuditServiceClient::new(channel)),
             Err(error) => {
                 tracing::warn!(endpoint, %error, "audit endpoint unusable, workflow audit events are only logged");
