@@ -17,12 +17,15 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::catalogue::Catalogue;
 use crate::error::AgentError;
 use crate::limiter::{AcquireError, Limiter, Occupancy};
 use crate::profiler::{Timings, micros};
-use crate::provider::{ChatMessage, Finish, Provider, ProviderError, ProviderRequest, Usage};
+use crate::provider::{
+    ChatMessage, Completion, Finish, Provider, ProviderError, ProviderRequest, Usage,
+};
 use crate::recorder::Recorder;
 use crate::store::{ExecutionRecord, ExecutionStatus, Store, content_digest};
 use crate::{sanitize, template};
@@ -563,7 +566,20 @@ impl AgentCore {
             messages: messages.clone(),
             deadline,
         };
-        let outcome = self.provider.generate(&request, deltas.as_ref()).await;
+        let span = provider_span(
+            &spec,
+            &parameters.model,
+            self.provider.name(),
+            &execution_id,
+        );
+        span.record("gen_ai.request.temperature", parameters.temperature);
+        span.record("gen_ai.request.max_tokens", parameters.max_tokens);
+        let outcome = self
+            .provider
+            .generate(&request, deltas.as_ref())
+            .instrument(span.clone())
+            .await;
+        record_provider_outcome(&span, &outcome);
         guard.record = None;
         let latency_so_far = stage_provider.elapsed();
         let outcome = match outcome {
@@ -998,4 +1014,60 @@ pub fn unified_diff(original: &str, replay: &str) -> String {
         cut -= 1;
     }
     format!("{}\n... diff truncated\n", &diff[..cut])
+}
+
+/// The span of one provider call, named and attributed after the
+/// OpenTelemetry GenAI semantic conventions (`chat {model}`, kind client),
+/// with the project, workflow and correlation ids as `agentmesh.*`.
+fn provider_span(
+    spec: &ExecuteSpec,
+    model: &str,
+    provider: &str,
+    execution_id: &str,
+) -> tracing::Span {
+    tracing::info_span!(
+        "gen_ai_chat",
+        otel.name = %format!("chat {model}"),
+        otel.kind = "client",
+        gen_ai.operation.name = "chat",
+        gen_ai.provider.name = %provider,
+        gen_ai.request.model = %model,
+        gen_ai.request.temperature = tracing::field::Empty,
+        gen_ai.request.max_tokens = tracing::field::Empty,
+        gen_ai.agent.name = %spec.agent_type,
+        agentmesh.project_id = %spec.project_id,
+        agentmesh.workflow_id = %spec.workflow_id,
+        agentmesh.correlation_id = %spec.correlation_id,
+        agentmesh.execution_id = %execution_id,
+        gen_ai.response.model = tracing::field::Empty,
+        gen_ai.response.finish_reasons = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    )
+}
+
+fn record_provider_outcome(span: &tracing::Span, outcome: &Result<Completion, ProviderError>) {
+    match outcome {
+        Ok(completion) => {
+            span.record("gen_ai.response.model", completion.model.as_str());
+            let finish = match completion.finish {
+                Finish::Stop => "stop",
+                Finish::Length => "length",
+                Finish::ContentFilter => "content_filter",
+                Finish::Unknown => "unknown",
+            };
+            span.record("gen_ai.response.finish_reasons", finish);
+            span.record("gen_ai.usage.input_tokens", completion.usage.prompt_tokens);
+            span.record(
+                "gen_ai.usage.output_tokens",
+                completion.usage.completion_tokens,
+            );
+        }
+        Err(error) => {
+            span.record("error.type", error.kind());
+            span.record("otel.status_code", "ERROR");
+        }
+    }
 }

@@ -51,7 +51,7 @@ pub enum Rpc {
 }
 
 impl Rpc {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Rpc::ExecuteTask => "ExecuteTask",
             Rpc::ExecuteTaskStream => "ExecuteTaskStream",

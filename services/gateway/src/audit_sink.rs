@@ -27,11 +27,13 @@ use agentmesh_proto::audit as audit_pb;
 use agentmesh_proto::audit::audit_service_client::AuditServiceClient;
 use agentmesh_resilience::Backoff;
 use agentmesh_settings::{AuditOverflow, ClientTlsSettings, GatewayAuditSettings};
+use agentmesh_telemetry::CapturedContext;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
+use tracing::Instrument;
 
 use crate::around::RateLimitedLog;
 use crate::error::GatewayError;
@@ -39,7 +41,8 @@ use crate::error::GatewayError;
 /// Events of the buffer, each with its position in arrival order.
 #[derive(Default)]
 struct Buffer {
-    events: VecDeque<(u64, audit_pb::Event)>,
+    /// Position, event, and the trace context of the task it audits.
+    events: VecDeque<(u64, audit_pb::Event, CapturedContext)>,
     /// Slots reserved by admitted tasks that have not pushed yet
     /// (`fail_closed` only).
     reserved: usize,
@@ -93,7 +96,9 @@ impl Reservation {
         }
         let position = buffer.next_position;
         buffer.next_position += 1;
-        buffer.events.push_back((position, event));
+        buffer
+            .events
+            .push_back((position, event, CapturedContext::current()));
         Shared::publish_depth(&buffer);
         drop(buffer);
         self.shared.wake.notify_one();
@@ -247,14 +252,14 @@ async fn deliver(
             return;
         }
         let wake = shared.wake.notified();
-        let batch: Vec<(u64, audit_pb::Event)> = {
+        let (batch, contexts): (Vec<(u64, audit_pb::Event)>, Vec<CapturedContext>) = {
             let buffer = shared.lock();
             buffer
                 .events
                 .iter()
                 .take(settings.batch_max_events.max(1))
-                .cloned()
-                .collect()
+                .map(|(position, event, context)| ((*position, event.clone()), context.clone()))
+                .unzip()
         };
         if batch.is_empty() {
             if flush_until.is_some() {
@@ -266,7 +271,16 @@ async fn deliver(
             }
             continue;
         }
-        let attempt = send(&mut client, batch, timeout);
+        // The delivery continues the trace of the batch's first task and
+        // links the others.
+        let span = tracing::info_span!(
+            "audit_delivery",
+            otel.name = "audit.deliver",
+            otel.kind = "producer",
+            agentmesh.events = batch.len(),
+        );
+        CapturedContext::adopt(&span, &contexts, 32);
+        let attempt = send(&mut client, batch, timeout).instrument(span);
         let sent = match flush_until {
             Some(until) => tokio::time::timeout_at(until, attempt)
                 .await
@@ -280,7 +294,7 @@ async fn deliver(
                 while buffer
                     .events
                     .front()
-                    .is_some_and(|(front, _)| *front <= position)
+                    .is_some_and(|(front, _, _)| *front <= position)
                 {
                     buffer.events.pop_front();
                     delivered += 1;
@@ -416,7 +430,7 @@ mod tests {
             .lock()
             .events
             .iter()
-            .map(|(_, event)| event.event_id.clone())
+            .map(|(_, event, _)| event.event_id.clone())
             .collect()
     }
 

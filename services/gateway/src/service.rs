@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use tower::retry::budget::{Budget, TpsBudget};
+use tracing::Instrument;
 
 use crate::around::{Around, Rpc, TaskScope};
 use crate::budget::Budgets;
@@ -269,7 +270,12 @@ impl Gateway {
         rpc: Rpc,
     ) -> Result<pb::ExecuteTaskResponse, GatewayError> {
         let scope = self.around.begin(call, rpc, task.as_ref())?;
-        let mut result = self.execute_routed(task, field, deadline, &scope).await;
+        let span = task_span(task.as_ref(), rpc, scope.correlation_id());
+        let mut result = self
+            .execute_routed(task, field, deadline, &scope)
+            .instrument(span.clone())
+            .await;
+        record_task_outcome(&span, &result);
         self.around.finish(scope, &mut result);
         result
     }
@@ -1040,6 +1046,69 @@ fn timestamp(time: SystemTime) -> prost_types::Timestamp {
 
 fn trace_id() -> String {
     agentmesh_telemetry::propagation::current_trace_id().unwrap_or_default()
+}
+
+/// The span of one task at the gateway: its cache lookup, node calls and
+/// fallback are children, so one trace shows the whole task. Attributes
+/// follow the OpenTelemetry GenAI conventions where they apply
+/// (`gen_ai.agent.name`, `gen_ai.usage.*`), `agentmesh.*` otherwise.
+fn task_span(task: Option<&pb::TaskSpec>, rpc: Rpc, correlation_id: &str) -> tracing::Span {
+    let (agent_type, project_id, workflow_id) = task
+        .map(|task| {
+            (
+                task.agent_type.as_str(),
+                task.project_id.as_str(),
+                task.workflow_id.as_str(),
+            )
+        })
+        .unwrap_or_default();
+    tracing::info_span!(
+        "gateway_task",
+        otel.name = %format!("invoke_agent {agent_type}"),
+        otel.kind = "internal",
+        gen_ai.operation.name = "invoke_agent",
+        gen_ai.agent.name = %agent_type,
+        agentmesh.rpc = rpc.name(),
+        agentmesh.project_id = %project_id,
+        agentmesh.workflow_id = %workflow_id,
+        agentmesh.correlation_id = %correlation_id,
+        agentmesh.node_id = tracing::field::Empty,
+        agentmesh.degraded = tracing::field::Empty,
+        agentmesh.cache_hit = tracing::field::Empty,
+        agentmesh.attempts = tracing::field::Empty,
+        gen_ai.provider.name = tracing::field::Empty,
+        gen_ai.response.model = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    )
+}
+
+fn record_task_outcome(
+    span: &tracing::Span,
+    result: &Result<pb::ExecuteTaskResponse, GatewayError>,
+) {
+    match result {
+        Ok(response) => {
+            span.record("agentmesh.node_id", response.node_id.as_str());
+            span.record("agentmesh.degraded", response.degraded);
+            span.record("agentmesh.cache_hit", response.cache_hit);
+            span.record("agentmesh.attempts", response.attempts);
+            if let Some(provider) = &response.provider {
+                span.record("gen_ai.provider.name", provider.provider.as_str());
+                span.record("gen_ai.response.model", provider.model.as_str());
+            }
+            if let Some(usage) = &response.usage {
+                span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
+                span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
+            }
+        }
+        Err(error) => {
+            span.record("error.type", format!("{:?}", error.code()).as_str());
+            span.record("otel.status_code", "ERROR");
+        }
+    }
 }
 
 #[cfg(test)]

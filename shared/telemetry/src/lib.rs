@@ -46,7 +46,9 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-pub use propagation::{TraceContextInterceptor, current_trace_id, extract_remote_context};
+pub use propagation::{
+    CapturedContext, TraceContextInterceptor, current_trace_id, extract_remote_context,
+};
 
 /// Why telemetry could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -108,6 +108,51 @@ pub fn continue_trace(span: &tracing::Span, trace_id: &str, span_id: &str) -> bo
     span.set_parent(parent).is_ok()
 }
 
+/// The trace context of a span, kept to continue its trace from work done
+/// later elsewhere, such as a background task that sends many callers'
+/// events in one batch.
+#[derive(Clone, Debug)]
+pub struct CapturedContext(opentelemetry::trace::SpanContext);
+
+impl Default for CapturedContext {
+    fn default() -> Self {
+        Self(opentelemetry::trace::SpanContext::empty_context())
+    }
+}
+
+impl CapturedContext {
+    /// The current span's context.
+    pub fn current() -> Self {
+        Self(
+            tracing::Span::current()
+                .context()
+                .span()
+                .span_context()
+                .clone(),
+        )
+    }
+
+    /// Makes `span` a child of the first valid context and links it to
+    /// the others (at most `max_links`), so a batch shows up in the trace
+    /// of its first caller and can be found from the others.
+    pub fn adopt<'a>(
+        span: &tracing::Span,
+        contexts: impl IntoIterator<Item = &'a CapturedContext>,
+        max_links: usize,
+    ) {
+        let mut valid = contexts.into_iter().filter(|context| context.0.is_valid());
+        if let Some(first) = valid.next() {
+            let parent = opentelemetry::Context::new().with_remote_span_context(first.0.clone());
+            if let Err(error) = span.set_parent(parent) {
+                tracing::debug!(%error, "cannot parent a batch span");
+            }
+        }
+        for other in valid.take(max_links) {
+            span.add_link(other.0.clone());
+        }
+    }
+}
+
 /// A tonic interceptor that injects the current span's trace context into
 /// every outgoing request.
 #[derive(Clone, Copy, Debug, Default)]
