@@ -10,6 +10,10 @@ log), then:
    `buf curl`), with the default ports replaced by the real ones,
 4. `promtool check metrics` on the suite's /metrics,
 5. a real Prometheus scraping the suite,
+6. TLS and mTLS with third-party clients: certificates made with openssl,
+   `agentmesh serve config` requiring client certificates, grpcurl (Go)
+   and grpcio (Python) with and without one, and `agentmesh health` over
+   https,
 
 then stops the suite with SIGTERM and expects a clean exit. Any failure
 exits non-zero. .ci/run calls it with the tools it installed:
@@ -179,6 +183,108 @@ def check_prometheus_scrapes(prometheus, admin, workdir):
         process.wait(timeout=30)
 
 
+TLS_HEALTH_CHECK = """
+import sys
+import grpc
+target, ca, cert, key = sys.argv[1:5]
+credentials = grpc.ssl_channel_credentials(
+    open(ca, "rb").read(),
+    open(key, "rb").read() if key else None,
+    open(cert, "rb").read() if cert else None,
+)
+with grpc.secure_channel(target, credentials) as channel:
+    check = channel.unary_unary("/grpc.health.v1.Health/Check",
+                                request_serializer=lambda request: request,
+                                response_deserializer=lambda response: response)
+    try:
+        answer = check(b"", timeout=10)
+    except grpc.RpcError as error:
+        print(f"refused: {error.code()}")
+        sys.exit(3)
+    # HealthCheckResponse{status: SERVING} is field 1 = 1.
+    print("SERVING" if answer == b"\\x08\\x01" else f"not serving: {answer!r}")
+    sys.exit(0 if answer == b"\\x08\\x01" else 1)
+"""
+
+
+def make_certificates(folder):
+    """A CA, a server certificate for localhost/127.0.0.1 and a client
+    certificate, with openssl as an operator would."""
+    def openssl(*arguments):
+        subprocess.run(["openssl", *arguments], check=True, cwd=folder, timeout=60,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+            "-subj", "/CN=agentmesh ci ca", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for name, extensions in (
+        ("server", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ):
+        with open(os.path.join(folder, f"{name}.ext"), "w", encoding="utf-8") as file:
+            file.write(extensions)
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.crt", "-days", "1", "-extfile", f"{name}.ext")
+    return {name: os.path.join(folder, name) for name in
+            ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+
+
+def check_tls(binary, python, grpcurl, workdir):
+    """mTLS on a listener, called by grpcurl, grpcio and `agentmesh health`."""
+    folder = os.path.join(workdir, "tls")
+    os.makedirs(folder)
+    files = make_certificates(folder)
+    env = clean_env()
+    env.update({
+        "AGENTMESH_LOG": "info",
+        "AGENTMESH_SERVER__TLS__CERT_FILE": files["server.crt"],
+        "AGENTMESH_SERVER__TLS__KEY_FILE": files["server.key"],
+        "AGENTMESH_SERVER__TLS__CLIENT_CA_FILE": files["ca.crt"],
+    })
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "serve", "config", "--data-dir", os.path.join(workdir, "tls-data"),
+         "--config-port", str(port), "--admin-port", "0"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = f"localhost:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise SystemExit("agentmesh serve config with TLS did not start")
+                time.sleep(0.2)
+        health = ["-d", "{}", target, "grpc.health.v1.Health/Check"]
+        run([grpcurl, "-cacert", files["ca.crt"], "-cert", files["client.crt"],
+             "-key", files["client.key"], *health])
+        refused = subprocess.run([grpcurl, "-cacert", files["ca.crt"], *health],
+                                 capture_output=True, text=True, timeout=60)
+        if refused.returncode == 0:
+            raise SystemExit("grpcurl without a client certificate was let in")
+        print(f"grpcurl without a client certificate: refused ({refused.stderr.strip()[:120]})")
+        run([python, "-c", TLS_HEALTH_CHECK, target, files["ca.crt"], files["client.crt"],
+             files["client.key"]])
+        without = subprocess.run([python, "-c", TLS_HEALTH_CHECK, target, files["ca.crt"], "", ""],
+                                 capture_output=True, text=True, timeout=60)
+        if without.returncode != 3:
+            raise SystemExit(f"grpcio without a client certificate: {without.stdout} {without.stderr}")
+        print("grpcio without a client certificate: refused")
+        health_env = clean_env()
+        health_env.update({
+            "AGENTMESH_ENDPOINTS__TLS__CA_FILE": files["ca.crt"],
+            "AGENTMESH_ENDPOINTS__TLS__CERT_FILE": files["client.crt"],
+            "AGENTMESH_ENDPOINTS__TLS__KEY_FILE": files["client.key"],
+        })
+        run([binary, "health", "--addr", f"https://{target}"], env=health_env)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--binary", required=True)
@@ -243,6 +349,9 @@ def main():
         if args.prometheus:
             step("prometheus scrapes the suite")
             check_prometheus_scrapes(args.prometheus, suite.admin, workdir)
+
+        step("TLS and mTLS: grpcurl, grpcio and agentmesh health against openssl certificates")
+        check_tls(os.path.abspath(args.binary), args.python, args.grpcurl, workdir)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
         print(f"FAILED: {error}", file=sys.stderr, flush=True)
         failed = True

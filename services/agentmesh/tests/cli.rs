@@ -346,8 +346,15 @@ fn bench_drives_the_l1_only_cache_of_up() -> anyhow::Result<()> {
         .output()?;
         assert!(
             output.status.success(),
-            "{rpc} {hit}: {}",
-            String::from_utf8_lossy(&output.stderr)
+            "{rpc} {hit}: {}\nsuite exited: {:?}\nlast suite logs: {:#?}",
+            String::from_utf8_lossy(&output.stderr),
+            running.child.try_wait(),
+            running
+                .log_lines()
+                .iter()
+                .rev()
+                .take(10)
+                .collect::<Vec<_>>()
         );
         let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
         assert_eq!(report["rpc"], rpc);
