@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces the gateway figures of the README: `agentmesh up` on the
 # embedded defaults (local provider, no artificial latency), then the same
-# task straight to the agent service and through the gateway, open loop at
-# 500 and 2,500 requests/s and closed loop at concurrency 32, with the
+# task straight to the agent service and through the gateway (routed to an
+# agent node, and answered from the response cache), open loop at 500 and
+# 2,500 requests/s and closed loop at concurrency 32, with the
 # gateway's own time per task read from agentmesh_gateway_overhead_seconds.
 #
 #   cargo build --release -p agentmesh
@@ -41,12 +42,21 @@ PY
 # Warm both paths (connections, pools, JIT-free but caches).
 "$bin" bench --target 127.0.0.1:50052 --rpc agent.execute -d 2s >/dev/null 2>&1 || true
 "$bin" bench --target 127.0.0.1:50051 --rpc gateway.execute -d 2s >/dev/null 2>&1 || true
+# The bench sends the same task every time. With the local provider every
+# task is deterministic, so by default the gateway answers repeats from the
+# response cache (gateway -> cache service); --cache-policy bypass sends
+# every call on to an agent node (gateway -> agent), the path to compare
+# with calling the agent directly.
+overhead=(--metrics-url "$metrics" --histogram agentmesh_gateway_overhead_seconds)
 for rate in 500 2500; do
   run "agent.execute-rate-$rate" --target 127.0.0.1:50052 --rpc agent.execute --rate "$rate" -c 2000
-  run "gateway.execute-rate-$rate" --target 127.0.0.1:50051 --rpc gateway.execute --rate "$rate" -c 2000 \
-    --metrics-url "$metrics" --histogram agentmesh_gateway_overhead_seconds
+  run "gateway.routed-rate-$rate" --target 127.0.0.1:50051 --rpc gateway.execute --rate "$rate" -c 2000 \
+    --cache-policy bypass "${overhead[@]}"
+  run "gateway.cached-rate-$rate" --target 127.0.0.1:50051 --rpc gateway.execute --rate "$rate" -c 2000 \
+    "${overhead[@]}"
 done
 run agent.execute-c32 --target 127.0.0.1:50052 --rpc agent.execute -c 32
-run gateway.execute-c32 --target 127.0.0.1:50051 --rpc gateway.execute -c 32 \
-  --metrics-url "$metrics" --histogram agentmesh_gateway_overhead_seconds
+run gateway.routed-c32 --target 127.0.0.1:50051 --rpc gateway.execute -c 32 --cache-policy bypass \
+  "${overhead[@]}"
+run gateway.cached-c32 --target 127.0.0.1:50051 --rpc gateway.execute -c 32 "${overhead[@]}"
 echo "reports in $out"

@@ -70,6 +70,12 @@ pub struct BenchArgs {
     /// AppendBatch (appends/s = req/s × batch size).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub batch_size: u32,
+    /// For gateway.execute: the task's cache policy. The same task is sent
+    /// every time, so with `unspecified` or `use` a deterministic task is
+    /// answered from the response cache after the first call; `bypass`
+    /// routes every call to an agent node.
+    #[arg(long, value_enum, default_value = "unspecified")]
+    pub cache_policy: CachePolicyArg,
     /// API key sent as `authorization: Bearer <key>` with gateway.execute
     /// and gateway.circuit-states (needed when the gateway requires keys).
     #[arg(long, env = "AGENTMESH_API_KEY", hide_env_values = true)]
@@ -89,6 +95,31 @@ pub struct BenchArgs {
     /// agentmesh_gateway_overhead_seconds).
     #[arg(long, requires = "metrics_url")]
     pub histogram: Option<String>,
+}
+
+/// `--cache-policy` values.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum CachePolicyArg {
+    /// Cache deterministic tasks (the default).
+    Unspecified,
+    /// Read and store even when not deterministic.
+    Use,
+    /// Neither read nor store.
+    Bypass,
+    /// Execute and overwrite.
+    Refresh,
+}
+
+impl CachePolicyArg {
+    fn number(self) -> i32 {
+        use agentmesh_proto::gateway::CachePolicy;
+        match self {
+            CachePolicyArg::Unspecified => CachePolicy::Unspecified as i32,
+            CachePolicyArg::Use => CachePolicy::Use as i32,
+            CachePolicyArg::Bypass => CachePolicy::Bypass as i32,
+            CachePolicyArg::Refresh => CachePolicy::Refresh as i32,
+        }
+    }
 }
 
 /// Cumulative bucket counts of one histogram: (upper bound, count).
@@ -415,6 +446,7 @@ async fn call_returning_code(
                 agent_type: spec.agent_type,
                 variables: spec.variables,
                 project_id: spec.project_id,
+                cache_policy: args.cache_policy.number(),
                 ..Default::default()
             };
             let request = tonic::Request::new(agentmesh_proto::gateway::ExecuteTaskRequest {
@@ -548,8 +580,10 @@ async fn worker(
 
 /// The open loop: call number `i` is due at `started + i / rate`; each
 /// runs in its own task and records its latency from when it was due.
-/// Calls already due are started together when the scheduler wakes (the
-/// timer's resolution is about a millisecond).
+/// A pacing thread sleeps until shortly before each due time and spins the
+/// rest (Tokio's timer only has millisecond resolution, which would add up
+/// to a millisecond of scheduling delay to every call), then hands the call
+/// to the runtime.
 async fn open_loop(
     rate: u32,
     channels: Vec<Channel>,
@@ -562,58 +596,35 @@ async fn open_loop(
         errors: BTreeMap::new(),
     }));
     let slots = Arc::new(tokio::sync::Semaphore::new(args.concurrency as usize));
-    let interval = Duration::from_secs(1) / rate;
-    let started = Instant::now();
+    let (ticks, mut due_calls) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    std::thread::spawn(move || pace(rate, limit, &ticks));
     let mut calls = tokio::task::JoinSet::new();
-    let mut index: u64 = 0;
-    'schedule: loop {
-        let due = started + interval * u32::try_from(index).unwrap_or(u32::MAX);
-        match limit {
-            Limit::Until(deadline) if due >= deadline => break,
-            Limit::Count(total) if index >= total => break,
-            _ => {}
-        }
-        if due > Instant::now() {
-            tokio::time::sleep_until(due.into()).await;
-        }
-        // Start every call that is due by now.
-        loop {
-            let due = started + interval * u32::try_from(index).unwrap_or(u32::MAX);
-            if due > Instant::now() {
-                break;
-            }
-            match limit {
-                Limit::Until(deadline) if due >= deadline => break 'schedule,
-                Limit::Count(total) if index >= total => break 'schedule,
-                _ => {}
-            }
-            let worker_index = u32::try_from(index % u64::from(args.concurrency)).unwrap_or(0);
-            index += 1;
-            shared.issued.fetch_add(1, Ordering::Relaxed);
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                shared.completed.fetch_add(1, Ordering::Relaxed);
+    while let Some((index, due)) = due_calls.recv().await {
+        let worker_index = u32::try_from(index % u64::from(args.concurrency)).unwrap_or(0);
+        shared.issued.fetch_add(1, Ordering::Relaxed);
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            shared.completed.fetch_add(1, Ordering::Relaxed);
+            shared.failed.fetch_add(1, Ordering::Relaxed);
+            let mut result = result.lock().unwrap_or_else(PoisonError::into_inner);
+            *result.errors.entry("CLIENT_SATURATED").or_insert(0) += 1;
+            continue;
+        };
+        let channel = channels[index as usize % channels.len()].clone();
+        let args = Arc::clone(&args);
+        let shared = Arc::clone(&shared);
+        let result = Arc::clone(&result);
+        calls.spawn(async move {
+            let outcome = call(args.rpc, &channel, &args, worker_index).await;
+            let micros = due.elapsed().as_micros().max(1) as u64;
+            drop(slot);
+            shared.completed.fetch_add(1, Ordering::Relaxed);
+            let mut result = result.lock().unwrap_or_else(PoisonError::into_inner);
+            result.histogram.saturating_record(micros);
+            if let Err(code) = outcome {
                 shared.failed.fetch_add(1, Ordering::Relaxed);
-                let mut result = result.lock().unwrap_or_else(PoisonError::into_inner);
-                *result.errors.entry("CLIENT_SATURATED").or_insert(0) += 1;
-                continue;
-            };
-            let channel = channels[index as usize % channels.len()].clone();
-            let args = Arc::clone(&args);
-            let shared = Arc::clone(&shared);
-            let result = Arc::clone(&result);
-            calls.spawn(async move {
-                let outcome = call(args.rpc, &channel, &args, worker_index).await;
-                let micros = due.elapsed().as_micros().max(1) as u64;
-                drop(slot);
-                shared.completed.fetch_add(1, Ordering::Relaxed);
-                let mut result = result.lock().unwrap_or_else(PoisonError::into_inner);
-                result.histogram.saturating_record(micros);
-                if let Err(code) = outcome {
-                    shared.failed.fetch_add(1, Ordering::Relaxed);
-                    *result.errors.entry(code).or_insert(0) += 1;
-                }
-            });
-        }
+                *result.errors.entry(code).or_insert(0) += 1;
+            }
+        });
         // Reap finished calls so the set stays small.
         while calls.try_join_next().is_some() {}
     }
@@ -622,6 +633,34 @@ async fn open_loop(
     WorkerResult {
         histogram: std::mem::replace(&mut result.histogram, new_histogram()),
         errors: std::mem::take(&mut result.errors),
+    }
+}
+
+/// The open loop's schedule, on its own thread: sends `(index, due)` at
+/// each due time, to within a few microseconds, until `limit`.
+fn pace(rate: u32, limit: Limit, ticks: &tokio::sync::mpsc::UnboundedSender<(u64, Instant)>) {
+    /// Sleeping overshoots by up to the kernel's timer slack (50 µs by
+    /// default); the last stretch is spun.
+    const SPIN: Duration = Duration::from_micros(150);
+    let interval = Duration::from_secs(1) / rate;
+    let started = Instant::now();
+    for index in 0_u64.. {
+        let due = started + interval * u32::try_from(index).unwrap_or(u32::MAX);
+        match limit {
+            Limit::Until(deadline) if due >= deadline => return,
+            Limit::Count(total) if index >= total => return,
+            _ => {}
+        }
+        let now = Instant::now();
+        if due > now + SPIN {
+            std::thread::sleep(due - now - SPIN);
+        }
+        while Instant::now() < due {
+            std::hint::spin_loop();
+        }
+        if ticks.send((index, due)).is_err() {
+            return;
+        }
     }
 }
 
