@@ -4,8 +4,8 @@
 //! keeps serving the last snapshot (or, on a cold start, the bootstrap
 //! defaults) and says so in logs and metrics.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use agentmesh_proto::config as pb;
@@ -64,6 +64,19 @@ impl ConfigSnapshot {
 pub struct ConfigWatcher {
     state: watch::Receiver<Arc<ConfigSnapshot>>,
     stop: CancellationToken,
+    memo: Arc<RwLock<Memo>>,
+}
+
+/// Most (agent type, project) pairs whose effective settings are kept.
+const MEMO_MAX_ENTRIES: usize = 4096;
+
+/// Effective settings already merged from the current snapshot: services
+/// ask on every call, and merging the scopes allocates.
+#[derive(Debug, Default)]
+struct Memo {
+    /// The snapshot the entries were merged from.
+    snapshot: Option<Arc<ConfigSnapshot>>,
+    entries: HashMap<(Option<String>, Option<String>), Arc<LiveSettings>>,
 }
 
 impl ConfigWatcher {
@@ -86,7 +99,11 @@ impl ConfigWatcher {
         }));
         let stop = shutdown.child_token();
         tokio::spawn(run(channel, endpoint.to_owned(), sender, stop.clone()));
-        Ok(Self { state, stop })
+        Ok(Self {
+            state,
+            stop,
+            memo: Arc::default(),
+        })
     }
 
     /// The current snapshot.
@@ -94,9 +111,34 @@ impl ConfigWatcher {
         Arc::clone(&self.state.borrow())
     }
 
-    /// Effective settings for an agent type and/or project.
+    /// Effective settings for an agent type and/or project (merged once
+    /// per snapshot and pair, then served from memory).
     pub fn effective(&self, agent_type: Option<&str>, project_id: Option<&str>) -> LiveSettings {
-        self.state.borrow().effective(agent_type, project_id)
+        let snapshot = self.snapshot();
+        let key = (agent_type.map(str::to_owned), project_id.map(str::to_owned));
+        {
+            let memo = self.memo.read().unwrap_or_else(PoisonError::into_inner);
+            if memo
+                .snapshot
+                .as_ref()
+                .is_some_and(|known| Arc::ptr_eq(known, &snapshot))
+                && let Some(settings) = memo.entries.get(&key)
+            {
+                return LiveSettings::clone(settings);
+            }
+        }
+        let settings = Arc::new(snapshot.effective(agent_type, project_id));
+        let mut memo = self.memo.write().unwrap_or_else(PoisonError::into_inner);
+        let current = memo
+            .snapshot
+            .as_ref()
+            .is_some_and(|known| Arc::ptr_eq(known, &snapshot));
+        if !current || memo.entries.len() >= MEMO_MAX_ENTRIES {
+            memo.entries.clear();
+            memo.snapshot = Some(snapshot);
+        }
+        memo.entries.insert(key, Arc::clone(&settings));
+        LiveSettings::clone(&settings)
     }
 
     /// A receiver notified on every change (and connection change).
