@@ -15,10 +15,10 @@ use std::time::Duration;
 use agentmesh_client::ClientError;
 use agentmesh_proto::agent as agent_pb;
 use agentmesh_resilience::BreakerConfig;
-use agentmesh_settings::{ClientTlsSettings, GatewaySettings};
+use agentmesh_settings::GatewaySettings;
 use tokio_util::sync::CancellationToken;
 
-use crate::node::Node;
+use crate::node::{ConnectOptions, Node};
 
 /// Longest wait for one `GetLoad` answer.
 const MAX_LOAD_TIMEOUT: Duration = Duration::from_secs(1);
@@ -87,8 +87,7 @@ impl Configured {
 pub struct Fleet {
     configured: Vec<Configured>,
     nodes: RwLock<Arc<Vec<Arc<Node>>>>,
-    tls: ClientTlsSettings,
-    max_message_bytes: usize,
+    options: ConnectOptions,
     discovery_interval: Duration,
     load_interval: Duration,
 }
@@ -98,9 +97,8 @@ impl Fleet {
     /// nodes at once; names are resolved by [`Fleet::refresh`]).
     pub fn new(
         settings: &GatewaySettings,
-        tls: &ClientTlsSettings,
+        options: ConnectOptions,
         config: BreakerConfig,
-        max_message_bytes: usize,
     ) -> Result<Self, ClientError> {
         let configured = settings
             .agent_endpoints
@@ -111,21 +109,13 @@ impl Fleet {
             .iter()
             .filter(|entry| entry.host.is_none())
             .map(|entry| {
-                Node::new(
-                    &entry.endpoint,
-                    &entry.endpoint,
-                    tls,
-                    config,
-                    max_message_bytes,
-                )
-                .map(Arc::new)
+                Node::new(&entry.endpoint, &entry.endpoint, &options, config).map(Arc::new)
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             configured,
             nodes: RwLock::new(Arc::new(nodes)),
-            tls: tls.clone(),
-            max_message_bytes,
+            options,
             discovery_interval: Duration::from_millis(settings.discovery_interval_ms),
             load_interval: Duration::from_millis(settings.load_poll_interval_ms),
         })
@@ -194,13 +184,7 @@ impl Fleet {
                 next.push(Arc::clone(known));
                 continue;
             }
-            match Node::new(
-                &endpoint,
-                &source,
-                &self.tls,
-                config,
-                self.max_message_bytes,
-            ) {
+            match Node::new(&endpoint, &source, &self.options, config) {
                 Ok(node) => {
                     tracing::info!(endpoint, source, "agent node added");
                     next.push(Arc::new(node));
@@ -279,9 +263,8 @@ mod tests {
                 "http://[::1]:7002",
                 "http://localhost:7003",
             ]),
-            &ClientTlsSettings::default(),
+            ConnectOptions::default(),
             BreakerConfig::default(),
-            1 << 20,
         )
         .unwrap();
         let endpoints = |fleet: &Fleet| -> Vec<String> {
@@ -323,9 +306,8 @@ mod tests {
     async fn a_name_that_stops_resolving_keeps_its_nodes() {
         let fleet = Fleet::new(
             &settings(&["http://name-that-does-not-exist.invalid:7001"]),
-            &ClientTlsSettings::default(),
+            ConnectOptions::default(),
             BreakerConfig::default(),
-            1 << 20,
         )
         .unwrap();
         fleet.refresh(BreakerConfig::default()).await;

@@ -119,9 +119,12 @@ pub fn build(
     let config = node::breaker_config(&watcher.effective(None, None));
     let fleet = Arc::new(fleet::Fleet::new(
         &settings.gateway,
-        &settings.endpoints.tls,
+        node::ConnectOptions {
+            tls: settings.endpoints.tls.clone(),
+            max_message_bytes: settings.server.max_message_bytes,
+            connections: settings.gateway.connections_per_node as usize,
+        },
         config,
-        settings.server.max_message_bytes,
     )?);
     let fallback = match settings.gateway.fallback {
         GatewayFallback::Local => Some(fallback::Fallback::new(

@@ -6,7 +6,7 @@
 //!
 //! [`pick`] is power of two choices over that load.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -221,11 +221,35 @@ pub struct Reported {
     pub capacity: u32,
 }
 
+/// How the gateway connects to each agent node.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// TLS for `https://` nodes.
+    pub tls: ClientTlsSettings,
+    /// Largest message sent or received.
+    pub max_message_bytes: usize,
+    /// HTTP/2 connections per node, used in turn
+    /// (`gateway.connections_per_node`).
+    pub connections: usize,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            tls: ClientTlsSettings::default(),
+            max_message_bytes: 4 << 20,
+            connections: 1,
+        }
+    }
+}
+
 /// One agent node.
 pub struct Node {
     endpoint: String,
     source: String,
-    client: AgentServiceClient<TracedChannel>,
+    /// One client per connection; calls take them in turn.
+    clients: Vec<AgentServiceClient<TracedChannel>>,
+    next_client: AtomicUsize,
     node_id: Mutex<Option<String>>,
     breaker: Mutex<BreakerSlot>,
     health: Arc<Health>,
@@ -334,13 +358,18 @@ impl Node {
     pub fn new(
         endpoint: &str,
         source: &str,
-        tls: &ClientTlsSettings,
+        options: &ConnectOptions,
         config: BreakerConfig,
-        max_message_bytes: usize,
     ) -> Result<Self, ClientError> {
-        let client = AgentServiceClient::new(connect_lazy(endpoint, tls)?)
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes);
+        let clients = (0..options.connections.max(1))
+            .map(|_| {
+                connect_lazy(endpoint, &options.tls).map(|channel| {
+                    AgentServiceClient::new(channel)
+                        .max_decoding_message_size(options.max_message_bytes)
+                        .max_encoding_message_size(options.max_message_bytes)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let health = Arc::new(Health {
             endpoint: endpoint.to_owned(),
             transitions: Mutex::new(Transitions {
@@ -359,7 +388,8 @@ impl Node {
         Ok(Self {
             endpoint: endpoint.to_owned(),
             source: source.to_owned(),
-            client,
+            clients,
+            next_client: AtomicUsize::new(0),
             node_id: Mutex::new(None),
             breaker: Mutex::new(BreakerSlot { config, breaker }),
             health,
@@ -380,9 +410,12 @@ impl Node {
         &self.source
     }
 
-    /// A client for the node (cheap: the channel is shared).
+    /// A client for the node (cheap: the channels are shared), on the
+    /// next of its connections: one HTTP/2 connection's single I/O task
+    /// would serialise a busy gateway's calls.
     pub fn client(&self) -> AgentServiceClient<TracedChannel> {
-        self.client.clone()
+        let index = self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len();
+        self.clients[index].clone()
     }
 
     /// The node's breaker under `config`; a breaker built with other
@@ -647,8 +680,7 @@ mod tests {
             .map(|port| {
                 let endpoint = format!("http://127.0.0.1:{port}");
                 Arc::new(
-                    Node::new(&endpoint, &endpoint, &Default::default(), config(), 1 << 20)
-                        .unwrap(),
+                    Node::new(&endpoint, &endpoint, &ConnectOptions::default(), config()).unwrap(),
                 )
             })
             .collect()

@@ -629,6 +629,9 @@ pub struct GatewaySettings {
     /// How often each node's `GetLoad` is polled, in milliseconds (100 to
     /// 60,000): the node's own queue and draining flag inform the choice.
     pub load_poll_interval_ms: u64,
+    /// HTTP/2 connections to each agent node (1 to 16), used in turn: one
+    /// connection's I/O task limits a busy gateway.
+    pub connections_per_node: u32,
     /// Workflow runs: definitions and limits.
     pub workflows: WorkflowSettings,
     /// The response cache (through the cache service).
@@ -791,6 +794,7 @@ impl Default for GatewaySettings {
             retry_min_per_second: 10,
             discovery_interval_ms: 5_000,
             load_poll_interval_ms: 1_000,
+            connections_per_node: 4,
             workflows: WorkflowSettings::default(),
             response_cache: ResponseCacheSettings::default(),
             audit: GatewayAuditSettings::default(),
@@ -977,6 +981,12 @@ impl GatewaySettings {
             "gateway.load_poll_interval_ms",
             self.load_poll_interval_ms.to_string(),
             "must be 100 to 60000",
+        );
+        check(
+            (1..=16).contains(&self.connections_per_node),
+            "gateway.connections_per_node",
+            self.connections_per_node.to_string(),
+            "must be 1 to 16",
         );
         self.workflows.validate(check);
         let cache = &self.response_cache;
@@ -1776,6 +1786,11 @@ mod tests {
         settings.gateway.agent_endpoints.clear();
         let violations = settings.validate().unwrap_err();
         assert_eq!(violations[0].key, "gateway.agent_endpoints");
+        settings.gateway.agent_endpoints = vec!["http://a:1".to_owned()];
+        settings.gateway.connections_per_node = 0;
+        let violations = settings.validate().unwrap_err();
+        assert_eq!(violations[0].key, "gateway.connections_per_node");
+        assert_eq!(violations[0].rule, "must be 1 to 16");
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("gateway.toml");
