@@ -595,6 +595,9 @@ fn fallback_of(response: &pb::ExecuteTaskResponse) -> &str {
 /// `text` without NUL characters (the audit log refuses them), cut to at
 /// most `max` bytes on a character boundary.
 fn clean(text: &str, max: usize) -> String {
+    if text.len() <= max && !text.contains('\0') {
+        return text.to_owned();
+    }
     let mut cleaned: String = text.chars().filter(|c| *c != '\0').collect();
     if cleaned.len() > max {
         let mut end = max;
