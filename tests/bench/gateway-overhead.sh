@@ -3,7 +3,8 @@
 # embedded defaults (local provider, no artificial latency), then the same
 # task straight to the agent service and through the gateway (routed to an
 # agent node, and answered from the response cache), open loop at 500 and
-# 2,500 requests/s and closed loop at concurrency 32, with the
+# 2,500 requests/s and closed loop at concurrency 32, then the routed path
+# of a second suite with API keys, rate limits and budgets on, with the
 # gateway's own time per task read from agentmesh_gateway_overhead_seconds.
 #
 #   cargo build --release -p agentmesh
@@ -59,4 +60,30 @@ run agent.execute-c32 --target 127.0.0.1:50052 --rpc agent.execute -c 32
 run gateway.routed-c32 --target 127.0.0.1:50051 --rpc gateway.execute -c 32 --cache-policy bypass \
   "${overhead[@]}"
 run gateway.cached-c32 --target 127.0.0.1:50051 --rpc gateway.execute -c 32 "${overhead[@]}"
+
+# Keys, rate limits and budgets: a second suite with auth on (a user key,
+# limits and a daily budget high enough never to refuse), the routed path
+# again, to compare with the auth-off runs above.
+auth_data=$(mktemp -d)
+admin_key="bench-admin-$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"
+AGENTMESH_GATEWAY__AUTH__MODE=on AGENTMESH_GATEWAY__AUTH__BOOTSTRAP_ADMIN_KEY="$admin_key" \
+  AGENTMESH_DEFAULTS__LIMITS__USER_RPS=1000000 AGENTMESH_DEFAULTS__LIMITS__USER_BURST=1000000 \
+  AGENTMESH_DEFAULTS__BUDGET__TOKENS_PER_DAY=1000000000000 \
+  "$bin" up --data-dir "$auth_data" --gateway-port 51051 --agent-port 51052 --config-port 51053 \
+  --audit-port 51054 --cache-port 51055 --admin-port 9465 --log-format json >"$out/up-auth.log" 2>&1 &
+auth_up=$!
+trap 'kill "$up" "$auth_up" 2>/dev/null; wait "$up" "$auth_up" 2>/dev/null; rm -rf "$data" "$auth_data"' EXIT
+for _ in $(seq 1 100); do
+  "$bin" bench --target 127.0.0.1:51051 --rpc health -n 1 >/dev/null 2>&1 && break
+  sleep 0.2
+done
+key=$("$bin" keys create --gateway http://127.0.0.1:51051 --api-key "$admin_key" --name bench \
+  --project bench --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["secret"])')
+"$bin" bench --target 127.0.0.1:51051 --rpc gateway.execute --cache-policy bypass --api-key "$key" \
+  -d 2s >/dev/null 2>&1 || true
+for rate in 500 2500; do
+  run "gateway.routed-auth-rate-$rate" --target 127.0.0.1:51051 --rpc gateway.execute --rate "$rate" \
+    -c 2000 --cache-policy bypass --api-key "$key" \
+    --metrics-url http://127.0.0.1:9465/metrics --histogram agentmesh_gateway_overhead_seconds
+done
 echo "reports in $out"
