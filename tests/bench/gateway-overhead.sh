@@ -9,6 +9,7 @@
 #
 #   cargo build --release -p agentmesh
 #   tests/bench/gateway-overhead.sh [seconds per run] [output dir]
+#   PARTS=auth tests/bench/gateway-overhead.sh …   # only the auth off/on pair
 set -euo pipefail
 seconds=${1:-15}
 out=${2:-$(mktemp -d)}
@@ -43,12 +44,14 @@ PY
 # Warm both paths (connections, pools, JIT-free but caches).
 "$bin" bench --target 127.0.0.1:50052 --rpc agent.execute -d 2s >/dev/null 2>&1 || true
 "$bin" bench --target 127.0.0.1:50051 --rpc gateway.execute -d 2s >/dev/null 2>&1 || true
+overhead=(--metrics-url "$metrics" --histogram agentmesh_gateway_overhead_seconds)
+parts=${PARTS:-main auth}
+if [[ " $parts " == *" main "* ]]; then
 # The bench sends the same task every time. With the local provider every
 # task is deterministic, so by default the gateway answers repeats from the
 # response cache (gateway -> cache service); --cache-policy bypass sends
 # every call on to an agent node (gateway -> agent), the path to compare
 # with calling the agent directly.
-overhead=(--metrics-url "$metrics" --histogram agentmesh_gateway_overhead_seconds)
 for rate in 500 2500; do
   run "agent.execute-rate-$rate" --target 127.0.0.1:50052 --rpc agent.execute --rate "$rate" -c 2000
   run "gateway.routed-rate-$rate" --target 127.0.0.1:50051 --rpc gateway.execute --rate "$rate" -c 2000 \
@@ -60,7 +63,9 @@ run agent.execute-c32 --target 127.0.0.1:50052 --rpc agent.execute -c 32
 run gateway.routed-c32 --target 127.0.0.1:50051 --rpc gateway.execute -c 32 --cache-policy bypass \
   "${overhead[@]}"
 run gateway.cached-c32 --target 127.0.0.1:50051 --rpc gateway.execute -c 32 "${overhead[@]}"
+fi
 
+if [[ " $parts " == *" auth "* ]]; then
 # Keys, rate limits and budgets: a second suite with auth on (a user key,
 # limits and a daily budget high enough never to refuse), the routed path
 # again, to compare with the auth-off runs above.
@@ -77,13 +82,17 @@ for _ in $(seq 1 100); do
   "$bin" bench --target 127.0.0.1:51051 --rpc health -n 1 >/dev/null 2>&1 && break
   sleep 0.2
 done
-key=$("$bin" keys create --gateway http://127.0.0.1:51051 --api-key "$admin_key" --name bench \
-  --project bench --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["secret"])')
+"$bin" keys create --gateway http://127.0.0.1:51051 --api-key "$admin_key" --name bench \
+  --project bench --json >"$out/key.json" 2>"$out/key.err" || { cat "$out/key.err"; exit 1; }
+key=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["secret"])' "$out/key.json")
 "$bin" bench --target 127.0.0.1:51051 --rpc gateway.execute --cache-policy bypass --api-key "$key" \
   -d 2s >/dev/null 2>&1 || true
 for rate in 500 2500; do
+  run "gateway.routed-noauth-rate-$rate" --target 127.0.0.1:50051 --rpc gateway.execute --rate "$rate" \
+    -c 2000 --cache-policy bypass "${overhead[@]}"
   run "gateway.routed-auth-rate-$rate" --target 127.0.0.1:51051 --rpc gateway.execute --rate "$rate" \
     -c 2000 --cache-policy bypass --api-key "$key" \
     --metrics-url http://127.0.0.1:9465/metrics --histogram agentmesh_gateway_overhead_seconds
 done
+fi
 echo "reports in $out"
