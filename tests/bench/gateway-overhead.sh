@@ -22,10 +22,15 @@ export AGENTMESH_LOG=${AGENTMESH_LOG:-warn}
 "$bin" up --data-dir "$data" --log-format json >"$out/up.log" 2>&1 &
 up=$!
 trap 'kill "$up" 2>/dev/null; wait "$up" 2>/dev/null; rm -rf "$data"' EXIT
-for _ in $(seq 1 100); do
-  "$bin" bench --target 127.0.0.1:50051 --rpc health -n 1 >/dev/null 2>&1 && break
-  sleep 0.2
-done
+wait_serving() { # gRPC address; up to 30 s
+  for _ in $(seq 1 150); do
+    "$bin" bench --target "$1" --rpc health -n 1 >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  echo "no answer from $1" >&2
+  return 1
+}
+wait_serving 127.0.0.1:50051
 metrics=http://127.0.0.1:9464/metrics
 run() { # label, then bench flags
   local label=$1
@@ -78,10 +83,7 @@ AGENTMESH_GATEWAY__AUTH__MODE=on AGENTMESH_GATEWAY__AUTH__BOOTSTRAP_ADMIN_KEY="$
   --audit-port 51054 --cache-port 51055 --admin-port 9465 --log-format json >"$out/up-auth.log" 2>&1 &
 auth_up=$!
 trap 'kill "$up" "$auth_up" 2>/dev/null; wait "$up" "$auth_up" 2>/dev/null; rm -rf "$data" "$auth_data"' EXIT
-for _ in $(seq 1 100); do
-  "$bin" bench --target 127.0.0.1:51051 --rpc health -n 1 >/dev/null 2>&1 && break
-  sleep 0.2
-done
+wait_serving 127.0.0.1:51051
 "$bin" keys create --gateway http://127.0.0.1:51051 --api-key "$admin_key" --name bench \
   --project bench --json >"$out/key.json" 2>"$out/key.err" || { cat "$out/key.err"; exit 1; }
 key=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["secret"])' "$out/key.json")

@@ -99,12 +99,7 @@ pub async fn serve(
     )?;
     let database = Database::connect(settings).await?;
     migrate(&database).await?;
-    let watcher = ConfigWatcher::start(
-        &settings.endpoints.config,
-        &settings.endpoints.tls,
-        &settings.defaults,
-        &shutdown,
-    )?;
+    let watcher = ConfigWatcher::for_settings(settings, &shutdown)?;
     let pool_size = watcher.effective(None, None).llm.pool_size.max(1) as usize;
     let provider = provider::Provider::from_settings(&settings.agent_service, pool_size)?;
     let store = store::Store::new(database.clone());

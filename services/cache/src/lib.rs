@@ -158,12 +158,7 @@ pub async fn serve(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let watcher = ConfigWatcher::start(
-        &settings.endpoints.config,
-        &settings.endpoints.tls,
-        &settings.defaults,
-        &shutdown,
-    )?;
+    let watcher = ConfigWatcher::for_settings(settings, &shutdown)?;
     let core = start_core(settings, Some(watcher), &shutdown)?;
     let message_limit = settings
         .server

@@ -189,12 +189,7 @@ pub async fn serve(
     migrate(&database).await?;
     let keyring =
         auth::keyring::Keyring::load(auth::store::KeyStore::new(database.clone())).await?;
-    let watcher = ConfigWatcher::start(
-        &settings.endpoints.config,
-        &settings.endpoints.tls,
-        &settings.defaults,
-        &shutdown,
-    )?;
+    let watcher = ConfigWatcher::for_settings(settings, &shutdown)?;
     let authenticator = Arc::new(auth::Authenticator::new(
         auth_enabled,
         hasher,

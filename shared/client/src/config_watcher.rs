@@ -106,6 +106,21 @@ impl ConfigWatcher {
         })
     }
 
+    /// Starts watching the config service a process's settings name
+    /// (`endpoints.config`, over `endpoints.tls` for `https://`), with its
+    /// bootstrap defaults until the first snapshot.
+    pub fn for_settings(
+        settings: &agentmesh_settings::Settings,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, ClientError> {
+        Self::start(
+            &settings.endpoints.config,
+            &settings.endpoints.tls,
+            &settings.defaults,
+            shutdown,
+        )
+    }
+
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<ConfigSnapshot> {
         Arc::clone(&self.state.borrow())
