@@ -108,10 +108,12 @@ async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<TcpListener> 
 }
 
 /// `http://address` of `service`'s listener in this process, if it runs
-/// here (an unspecified bind address becomes loopback).
+/// here (an unspecified bind address becomes loopback), or `https://…`
+/// when the listeners serve TLS.
 fn local_endpoint(
     listeners: &[(ServiceName, TcpListener)],
     service: ServiceName,
+    tls: bool,
 ) -> anyhow::Result<Option<String>> {
     let Some((_, listener)) = listeners.iter().find(|(name, _)| *name == service) else {
         return Ok(None);
@@ -120,7 +122,8 @@ fn local_endpoint(
     if address.ip().is_unspecified() {
         address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    Ok(Some(format!("http://{address}")))
+    let scheme = if tls { "https" } else { "http" };
+    Ok(Some(format!("{scheme}://{address}")))
 }
 
 async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<()> {
@@ -149,32 +152,23 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
     // With the config, cache or audit service in this process, the other
     // services reach it (over gRPC, as in separate processes) at the address
     // it really got.
+    // With TLS on, that is https:// (endpoints.tls must trust the
+    // certificate, and it must name 127.0.0.1 or endpoints.tls.server_name).
     let mut settings = settings.clone();
-    if let Some(endpoint) = local_endpoint(&listeners, ServiceName::Config)? {
+    let tls = settings.server.tls.enabled();
+    if let Some(endpoint) = local_endpoint(&listeners, ServiceName::Config, tls)? {
         settings.endpoints.config = endpoint;
     }
-    if let Some(endpoint) = local_endpoint(&listeners, ServiceName::Cache)? {
+    if let Some(endpoint) = local_endpoint(&listeners, ServiceName::Cache, tls)? {
         settings.endpoints.cache = endpoint;
     }
-    if let Some(endpoint) = local_endpoint(&listeners, ServiceName::Audit)? {
+    if let Some(endpoint) = local_endpoint(&listeners, ServiceName::Audit, tls)? {
         settings.endpoints.audit = endpoint;
-    }
-    // Likewise the gateway sends audit events to this process's audit
-    // listener when there is one.
-    if let Some((_, listener)) = listeners
-        .iter()
-        .find(|(service, _)| *service == ServiceName::Audit)
-    {
-        let mut address = listener.local_addr()?;
-        if address.ip().is_unspecified() {
-            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        settings.endpoints.audit = format!("http://{address}");
     }
     // Likewise the gateway's default agent node is the agent listener of
     // this process when there is one (a configured list is kept).
     if settings.gateway.agent_endpoints == GatewaySettings::default().agent_endpoints
-        && let Some(endpoint) = local_endpoint(&listeners, ServiceName::Agent)?
+        && let Some(endpoint) = local_endpoint(&listeners, ServiceName::Agent, tls)?
     {
         settings.gateway.agent_endpoints = vec![endpoint];
     }
