@@ -214,3 +214,51 @@ async fn unusable_tls_files_stop_the_start_with_the_setting_named() -> anyhow::R
     assert!(error.contains("missing.key"), "{error}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_rotated_client_certificate_reaches_new_connections_of_a_running_channel()
+-> anyhow::Result<()> {
+    let db = sqlite().await?;
+    let dir = tempfile::tempdir()?;
+    let server_ca = TestCa::new("server ca")?;
+    let old_clients = TestCa::new("old client ca")?;
+    let new_clients = TestCa::new("new client ca")?;
+    let mut settings = tls_settings(&db.settings, &server_ca, dir.path())?;
+    // The server only trusts the new client CA.
+    settings.server.tls.client_ca_file = Some(new_clients.write(dir.path(), "client-ca.crt")?);
+    let node = ConfigNode::start(&settings).await?;
+    let https = format!("https://localhost:{}", node.address.port());
+    let (cert, key) = old_clients
+        .client_cert("gateway")?
+        .write(dir.path(), "gateway")?;
+    let tls = ClientTlsSettings {
+        cert_file: Some(cert),
+        key_file: Some(key),
+        ..trusting(&server_ca, dir.path(), "server-ca.crt")?
+    };
+    // One channel for the whole test, as a service keeps it.
+    let channel = agentmesh_client::connect_lazy(&https, &tls)?;
+    let check = |channel: agentmesh_client::TracedChannel| async move {
+        let mut client = HealthClient::new(channel);
+        let call = client.check(HealthCheckRequest {
+            service: String::new(),
+        });
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), call).await,
+            Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32
+        )
+    };
+    assert!(
+        !check(channel.clone()).await,
+        "an old-CA certificate was let in"
+    );
+    // cert-manager renews the client certificate in place.
+    new_clients
+        .client_cert("gateway")?
+        .write(dir.path(), "gateway")?;
+    eventually("the channel presents the renewed certificate", async || {
+        check(channel.clone()).await
+    })
+    .await;
+    node.stop().await
+}
