@@ -169,19 +169,49 @@ async fn connect_pool(
     if let (true, Some(schema)) = (is_postgres, &settings.database.schema) {
         options.set_schema_search_path(schema.clone());
     }
-    if !is_postgres {
-        options.map_sqlx_sqlite_opts(|sqlite| {
-            sqlite
-                .journal_mode(SqliteJournalMode::Wal)
-                .busy_timeout(Duration::from_secs(10))
-        });
+    if is_postgres {
+        return sea_orm::Database::connect(options)
+            .await
+            .map_err(|source| DbError::Connect {
+                url: masked,
+                source,
+            });
     }
-    sea_orm::Database::connect(options)
-        .await
-        .map_err(|source| DbError::Connect {
-            url: masked,
-            source,
-        })
+    options.map_sqlx_sqlite_opts(|sqlite| {
+        sqlite
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(10))
+    });
+    // Several services of one `agentmesh up` open the same fresh SQLite
+    // file at once. Switching it to WAL needs an exclusive lock, and SQLite
+    // answers SQLITE_BUSY at once (no busy wait) when another connection is
+    // in the middle of the same switch or a migration: try again until the
+    // connect timeout.
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(settings.database.connect_timeout_seconds);
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match sea_orm::Database::connect(options.clone()).await {
+            Ok(connection) => return Ok(connection),
+            Err(error) if is_sqlite_busy(&error) && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%error, "sqlite busy while connecting, retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            Err(source) => {
+                return Err(DbError::Connect {
+                    url: masked,
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// Whether SQLite said "database is locked" (SQLITE_BUSY, code 5).
+fn is_sqlite_busy(error: &sea_orm::DbErr) -> bool {
+    let text = error.to_string();
+    text.contains("database is locked") || text.contains("(code: 5)")
 }
 
 fn base_options(url: &str, max_connections: u32, settings: &Settings) -> ConnectOptions {
@@ -198,4 +228,39 @@ fn base_options(url: &str, max_connections: u32, settings: &Settings) -> Connect
         .idle_timeout(Duration::from_secs(300))
         .sqlx_logging(false);
     options
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `agentmesh up` opens one fresh SQLite file from several services at
+    /// once; every one of them must get its pool.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_first_connects_to_a_fresh_sqlite_file_all_succeed() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let mut settings = Settings::default();
+            settings.data_dir = dir.path().to_owned();
+            let connects: Vec<_> = (0..16)
+                .map(|index| {
+                    let settings = settings.clone();
+                    tokio::spawn(async move {
+                        let database = Database::connect(&settings).await?;
+                        database
+                            .writer()
+                            .execute_unprepared(&format!(
+                                "CREATE TABLE IF NOT EXISTS t{index} (id INTEGER PRIMARY KEY)"
+                            ))
+                            .await?;
+                        database.close().await;
+                        Ok::<_, DbError>(())
+                    })
+                })
+                .collect();
+            for connect in connects {
+                connect.await.unwrap().unwrap();
+            }
+        }
+    }
 }
