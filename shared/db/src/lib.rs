@@ -240,8 +240,10 @@ mod tests {
     async fn concurrent_first_connects_to_a_fresh_sqlite_file_all_succeed() {
         for _ in 0..20 {
             let dir = tempfile::tempdir().unwrap();
-            let mut settings = Settings::default();
-            settings.data_dir = dir.path().to_owned();
+            let settings = Settings {
+                data_dir: dir.path().to_owned(),
+                ..Settings::default()
+            };
             let connects: Vec<_> = (0..16)
                 .map(|index| {
                     let settings = settings.clone();
