@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use agentmesh_audit::chain::{Hash, Timestamp};
 use agentmesh_audit::model::Checkpoint;
@@ -12,7 +11,7 @@ use agentmesh_audit::signing;
 use agentmesh_proto::audit as pb;
 use agentmesh_proto::audit::audit_service_client::AuditServiceClient;
 use clap::{Args, Subcommand};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// `agentmesh audit` subcommands.
 #[derive(Debug, Subcommand)]
@@ -69,18 +68,8 @@ async fn connect(target: &Target) -> anyhow::Result<AuditServiceClient<Channel>>
     } else {
         format!("http://{}", target.target)
     };
-    let mut endpoint = Endpoint::from_shared(address.clone())?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5));
-    if address.starts_with("https://") {
-        // The system's trust store.
-        endpoint =
-            endpoint.tls_config(agentmesh_client::client_tls_config(&Default::default())?)?;
-    }
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|error| anyhow::anyhow!("cannot connect to {address}: {error}"))?;
+    // https:// uses the system's trust store.
+    let channel = agentmesh_client::connect(&address, &Default::default()).await?;
     Ok(AuditServiceClient::new(channel))
 }
 

@@ -702,14 +702,10 @@ pub async fn run(args: &BenchArgs) -> ExitCode {
         match endpoint.connect().await {
             Ok(channel) => channels.push(channel),
             Err(error) => {
-                // tonic's transport error says little; its sources say why.
-                let mut reason = error.to_string();
-                let mut source = std::error::Error::source(&error);
-                while let Some(cause) = source {
-                    reason.push_str(&format!(": {cause}"));
-                    source = cause.source();
-                }
-                eprintln!("agentmesh bench: cannot connect to {target}: {reason}");
+                eprintln!(
+                    "agentmesh bench: cannot connect to {target}: {}",
+                    agentmesh_client::error_chain(&error)
+                );
                 return ExitCode::FAILURE;
             }
         }

@@ -3,13 +3,12 @@
 //! `KeyService`, with an admin key from `--api-key` or `AGENTMESH_API_KEY`.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use agentmesh_proto::gateway as pb;
 use agentmesh_proto::gateway::key_service_client::KeyServiceClient;
 use clap::{Args, Subcommand, ValueEnum};
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// `agentmesh keys` subcommands.
 #[derive(Debug, Subcommand)]
@@ -130,18 +129,8 @@ async fn connect(connection: &Connection) -> anyhow::Result<Client> {
         ),
         None => None,
     };
-    let mut endpoint = Endpoint::from_shared(address.clone())?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5));
-    if address.starts_with("https://") {
-        // The system's trust store.
-        endpoint =
-            endpoint.tls_config(agentmesh_client::client_tls_config(&Default::default())?)?;
-    }
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|error| anyhow::anyhow!("cannot connect to {address}: {error}"))?;
+    // https:// uses the system's trust store.
+    let channel = agentmesh_client::connect(&address, &Default::default()).await?;
     Ok(KeyServiceClient::with_interceptor(
         channel,
         WithKey(authorization),

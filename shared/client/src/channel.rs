@@ -16,7 +16,7 @@ use rustls::{ClientConfig, RootCertStore, SignatureScheme};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 /// A channel that injects the caller's trace context into every request.
 pub type TracedChannel = InterceptedService<Channel, TraceContextInterceptor>;
@@ -42,6 +42,14 @@ pub enum ClientError {
         /// The I/O error.
         reason: String,
     },
+    /// The endpoint could not be reached.
+    #[error("cannot connect to {endpoint}: {reason}")]
+    Connect {
+        /// The endpoint.
+        endpoint: String,
+        /// Why, with the transport error's causes.
+        reason: String,
+    },
     /// rustls refused the TLS configuration.
     #[error("invalid TLS configuration: {0}")]
     TlsConfig(String),
@@ -55,28 +63,82 @@ fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, ClientError> {
     })
 }
 
-/// The TLS client configuration for `endpoints.tls`: its CA (else the
-/// system's roots), its client certificate for mTLS, its server name.
-/// The files are read on every call, so channels built after a rotation
-/// use the new files.
-pub fn client_tls_config(tls: &ClientTlsSettings) -> Result<ClientTlsConfig, ClientError> {
-    let mut config = ClientTlsConfig::new();
-    config = match &tls.ca_file {
-        Some(path) => {
-            config.ca_certificate(Certificate::from_pem(read("endpoints.tls.ca_file", path)?))
+/// Where a channel connects: tonic's own connector for `http://`, a TLS
+/// connector of ours for `https://` (the endpoint then names the plain
+/// address; requests still carry the https origin).
+struct Target {
+    endpoint: Endpoint,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+}
+
+impl Target {
+    fn new(endpoint: &str, tls: &ClientTlsSettings) -> Result<Self, ClientError> {
+        let invalid = |reason: String| ClientError::InvalidEndpoint {
+            endpoint: endpoint.to_owned(),
+            reason,
+        };
+        let configure = |address: String| {
+            Endpoint::from_shared(address)
+                .map_err(|error| invalid(error.to_string()))
+                .map(|builder| {
+                    builder
+                        .tcp_nodelay(true)
+                        .connect_timeout(Duration::from_secs(5))
+                        .http2_keep_alive_interval(Duration::from_secs(30))
+                        .keep_alive_timeout(Duration::from_secs(10))
+                        .keep_alive_while_idle(true)
+                })
+        };
+        let Some(rest) = endpoint.strip_prefix("https://") else {
+            return Ok(Self {
+                endpoint: configure(endpoint.to_owned())?,
+                tls: None,
+            });
+        };
+        let origin: http::Uri = endpoint
+            .parse()
+            .map_err(|error: http::uri::InvalidUri| invalid(error.to_string()))?;
+        let host = origin
+            .host()
+            .ok_or_else(|| invalid("has no host".to_owned()))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let server_name = tls.server_name.clone().unwrap_or(host);
+        let server_name = ServerName::try_from(server_name.clone())
+            .map_err(|error| invalid(format!("server name {server_name:?}: {error}")))?;
+        let connector = TlsConnector::from(Arc::new(rustls_client_config(tls)?));
+        Ok(Self {
+            endpoint: configure(format!("http://{rest}"))?.origin(origin),
+            tls: Some((connector, server_name)),
+        })
+    }
+}
+
+/// TCP, then a TLS handshake presenting `server_name`.
+fn tls_connect(
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+) -> impl tower::Service<
+    http::Uri,
+    Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+    Error = std::io::Error,
+    Future: Send,
+> + Send
++ 'static {
+    tower::service_fn(move |uri: http::Uri| {
+        let connector = connector.clone();
+        let server_name = server_name.clone();
+        async move {
+            let host = uri.host().unwrap_or_default();
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = TcpStream::connect((host, port)).await?;
+            tcp.set_nodelay(true)?;
+            let stream = connector.connect(server_name, tcp).await?;
+            Ok(TokioIo::new(stream))
         }
-        None => config.with_native_roots(),
-    };
-    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-        config = config.identity(Identity::from_pem(
-            read("endpoints.tls.cert_file", cert)?,
-            read("endpoints.tls.key_file", key)?,
-        ));
-    }
-    if let Some(name) = &tls.server_name {
-        config = config.domain_name(name.clone());
-    }
-    Ok(config)
+    })
 }
 
 /// Builds a channel to `endpoint` (`http://host:port`, or `https://…` for
@@ -87,61 +149,47 @@ pub fn client_tls_config(tls: &ClientTlsSettings) -> Result<ClientTlsConfig, Cli
 /// read at every handshake, so a rotated certificate reaches the new
 /// connections of long-lived channels without a restart.
 pub fn connect_lazy(endpoint: &str, tls: &ClientTlsSettings) -> Result<TracedChannel, ClientError> {
-    let invalid = |reason: String| ClientError::InvalidEndpoint {
-        endpoint: endpoint.to_owned(),
-        reason,
-    };
-    let configure = |builder: Endpoint| {
-        builder
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-    };
-    let channel = match endpoint.strip_prefix("https://") {
-        None => configure(
-            Endpoint::from_shared(endpoint.to_owned())
-                .map_err(|error| invalid(error.to_string()))?,
-        )
-        .connect_lazy(),
-        Some(rest) => {
-            // tonic connects to the plain URI through our TLS connector;
-            // requests still name the https origin.
-            let origin: http::Uri = endpoint
-                .parse()
-                .map_err(|error: http::uri::InvalidUri| invalid(error.to_string()))?;
-            let host = origin
-                .host()
-                .ok_or_else(|| invalid("has no host".to_owned()))?
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
-            let server_name = tls.server_name.clone().unwrap_or_else(|| host.clone());
-            let server_name = ServerName::try_from(server_name.clone())
-                .map_err(|error| invalid(format!("server name {server_name:?}: {error}")))?;
-            let connector = TlsConnector::from(Arc::new(rustls_client_config(tls)?));
-            let plain = configure(
-                Endpoint::from_shared(format!("http://{rest}"))
-                    .map_err(|error| invalid(error.to_string()))?,
-            )
-            .origin(origin);
-            plain.connect_with_connector_lazy(tower::service_fn(move |uri: http::Uri| {
-                let connector = connector.clone();
-                let server_name = server_name.clone();
-                async move {
-                    let host = uri.host().unwrap_or_default();
-                    let host = host.trim_start_matches('[').trim_end_matches(']');
-                    let port = uri.port_u16().unwrap_or(443);
-                    let tcp = TcpStream::connect((host, port)).await?;
-                    tcp.set_nodelay(true)?;
-                    let stream = connector.connect(server_name, tcp).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(stream))
-                }
-            }))
-        }
+    let target = Target::new(endpoint, tls)?;
+    let channel = match target.tls {
+        None => target.endpoint.connect_lazy(),
+        Some((connector, name)) => target
+            .endpoint
+            .connect_with_connector_lazy(tls_connect(connector, name)),
     };
     Ok(InterceptedService::new(channel, TraceContextInterceptor))
+}
+
+/// Like [`connect_lazy`], but connects now, so that an unreachable
+/// endpoint is reported at once, and without trace propagation: for
+/// command-line tools, which add their own interceptors.
+pub async fn connect(endpoint: &str, tls: &ClientTlsSettings) -> Result<Channel, ClientError> {
+    let target = Target::new(endpoint, tls)?;
+    let connected = match target.tls {
+        None => target.endpoint.connect().await,
+        Some((connector, name)) => {
+            target
+                .endpoint
+                .connect_with_connector(tls_connect(connector, name))
+                .await
+        }
+    };
+    connected.map_err(|error| ClientError::Connect {
+        endpoint: endpoint.to_owned(),
+        reason: error_chain(&error),
+    })
+}
+
+/// `error` and its sources, joined by `: ` (tonic's transport error alone
+/// says only "transport error").
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The system's trust store, loaded once per process (it can take a few

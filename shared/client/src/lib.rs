@@ -14,5 +14,5 @@ pub mod channel;
 pub mod config_watcher;
 
 pub use cache::CacheClient;
-pub use channel::{ClientError, TracedChannel, client_tls_config, connect_lazy};
+pub use channel::{ClientError, TracedChannel, connect, connect_lazy, error_chain};
 pub use config_watcher::{ConfigSnapshot, ConfigWatcher};

@@ -18,7 +18,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::admin::Readiness;
 use crate::layers::{GrpcMetricsLayer, make_grpc_span};
-use crate::tls::{ReloadingTlsConfig, TlsError, is_loopback_host};
+use crate::tls::{ReloadingTlsConfig, TlsError};
 
 /// Why a server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -188,7 +188,7 @@ impl GrpcServer {
             let incoming = crate::tls::incoming(listener, config, stop_accepting.clone());
             Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
         } else {
-            if !is_loopback_host(&self.settings.host) {
+            if !local_addr.ip().is_loopback() {
                 tracing::warn!(
                     host = %self.settings.host,
                     "serving plaintext gRPC on a non-loopback address: set server.tls.cert_file and server.tls.key_file (and server.tls.client_ca_file for mTLS), unless a service-mesh sidecar terminates mTLS in front of this listener"

@@ -282,11 +282,3 @@ async fn handshake(
     tracing::debug!(%peer, %reason, "tls handshake failed");
     None
 }
-
-/// Whether `host` (a listen address) only accepts local connections.
-pub fn is_loopback_host(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|address| address.is_loopback())
-}
